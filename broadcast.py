@@ -1,0 +1,122 @@
+"""The broadcaster: publishers hand it messages, one task fans them out to subscribers.
+
+Publishing never waits: it appends to the task's inbox. The task stamps each message with its
+cursor (the stored event id for `event` messages, else the newest event id seen so far),
+encodes it once for both transports, and offers it to every matching subscriber's bounded
+queue. A subscriber whose queue is full is dropped at once (its queue is cleared and it is told
+why); it resumes later from the last cursor it received. So a slow subscriber costs a bounded
+amount of memory and never delays anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+log = logging.getLogger("coordinator.broadcast")
+
+_encoder = msgspec.json.Encoder()
+
+# SSE `event:` names are the message types; these are all of them.
+TYPES = ("init", "session_created", "session_updated", "session_deleted", "event", "run_failed")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    type: str
+    payload: dict[str, Any]
+    session_id: str | None
+    cursor: int
+    ws_frame: str  # `{"type": ..., **payload}`
+    sse_frame: bytes  # `id: <cursor>\nevent: <type>\ndata: <payload>\n\n`
+
+
+def encode(type_: str, payload: dict[str, Any], session_id: str | None, cursor: int) -> Message:
+    data = _encoder.encode(payload)
+    ws = _encoder.encode({"type": type_, **payload}).decode()
+    sse = b"id: %d\nevent: %s\ndata: %s\n\n" % (cursor, type_.encode(), data)
+    return Message(type_, payload, session_id, cursor, ws, sse)
+
+
+class Dropped(Exception):
+    """The subscriber fell behind by more than its queue holds and was disconnected."""
+
+
+class Subscriber:
+    def __init__(self, size: int, session_id: str | None):
+        self.session_id = session_id
+        self._size = size
+        self._queue: deque[Message] = deque()
+        self._ready = asyncio.Event()
+        self.dropped = False
+
+    def offer(self, message: Message) -> bool:
+        """Queue a message; False (and the subscriber is dropped) when the queue is full."""
+        if len(self._queue) >= self._size:
+            self._queue.clear()
+            self.dropped = True
+            self._ready.set()
+            return False
+        self._queue.append(message)
+        self._ready.set()
+        return True
+
+    async def get(self) -> Message:
+        """The next message in broadcast order; raises Dropped once the subscriber is dropped."""
+        while not self._queue:
+            if self.dropped:
+                raise Dropped
+            self._ready.clear()
+            await self._ready.wait()
+        if self.dropped:
+            raise Dropped
+        return self._queue.popleft()
+
+
+class Broadcaster:
+    def __init__(self, queue_size: int = 1000, cursor: int = 0):
+        self.queue_size = queue_size
+        self.cursor = cursor  # newest stored event id seen
+        self._inbox: asyncio.Queue[tuple[str, dict, str | None, int | None]] = asyncio.Queue()
+        self._subscribers: set[Subscriber] = set()
+        self.dropped_total = 0
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def publish(
+        self, type_: str, payload: dict[str, Any], session_id: str | None, event_id: int | None = None
+    ) -> None:
+        """Hand a message to the fan-out task; never blocks. Call from the event loop."""
+        self._inbox.put_nowait((type_, payload, session_id, event_id))
+
+    @contextlib.contextmanager
+    def subscribe(self, session_id: str | None = None):
+        """Register a subscriber (only messages of `session_id` if given) for the block."""
+        subscriber = Subscriber(self.queue_size, session_id)
+        self._subscribers.add(subscriber)
+        try:
+            yield subscriber
+        finally:
+            self._subscribers.discard(subscriber)
+
+    async def run(self) -> None:
+        while True:
+            type_, payload, session_id, event_id = await self._inbox.get()
+            if event_id is not None and event_id > self.cursor:
+                self.cursor = event_id
+            message = encode(type_, payload, session_id, event_id or self.cursor)
+            for subscriber in list(self._subscribers):
+                if subscriber.session_id is not None and subscriber.session_id != session_id:
+                    continue
+                if not subscriber.offer(message):
+                    self._subscribers.discard(subscriber)
+                    self.dropped_total += 1
+                    log.warning("dropped a live subscriber: more than %d messages behind", self.queue_size)

@@ -1,0 +1,202 @@
+"""Agent Coordinator: settings, the app factory, its lifespan, and the command line.
+
+`python -m coordinator [--host H] [--port P]` serves the API; every setting comes from the
+environment once, at start-up (see README, "Configuration").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import anyio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+
+from broadcast import Broadcaster
+from routes import errors, health
+from store.db import Database
+
+log = logging.getLogger("coordinator")
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+def _flag(raw: str) -> bool:
+    return raw.strip().lower() in ("true", "1", "yes")
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number (0-65535)")
+    return value
+
+
+def _recovery_mode(raw: str) -> str:
+    # Unknown values act as the default, like the reference.
+    return raw if raw in ("stale", "all", "none") else "stale"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, read once; see README for each variable."""
+
+    host: str = "0.0.0.0"
+    port: int = 8765
+    project_dir: Path = field(default_factory=Path.cwd)
+    agents_dir_override: Path | None = None
+    debug_logging: bool = False
+    cors_origins: tuple[str, ...] = ("*",)
+    run_recovery_mode: str = "stale"
+    runner_poll_timeout: float = 30.0
+    runner_heartbeat_interval: float = 60.0
+    runner_stale_threshold: float = 120.0
+    runner_remove_threshold: float = 600.0
+    runner_lifecycle_interval: float = 30.0
+    run_no_match_timeout: float = 300.0
+    auth_enabled: bool = False
+    auth0_domain: str = ""
+    auth0_audience: str = ""
+    broadcast_queue_size: int = 1000
+    max_body_bytes: int = 1024 * 1024
+
+    @property
+    def data_dir(self) -> Path:
+        return self.project_dir / ".agent-orchestrator"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "observability.db"
+
+    @property
+    def agents_dir(self) -> Path:
+        return self.agents_dir_override or self.data_dir / "agents"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for var, name, parse in _ENV:
+            raw = env.get(var)
+            if raw is None:
+                continue
+            try:
+                values[name] = parse(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{var}={raw!r}: {exc}") from None
+        return cls(**values)
+
+
+_ENV: list[tuple[str, str, Callable[[str], object]]] = [
+    ("COORDINATOR_HOST", "host", str),
+    ("COORDINATOR_PORT", "port", _port),
+    ("AGENT_ORCHESTRATOR_PROJECT_DIR", "project_dir", Path),
+    ("AGENT_ORCHESTRATOR_AGENTS_DIR", "agents_dir_override", Path),
+    ("DEBUG_LOGGING", "debug_logging", _flag),
+    ("CORS_ORIGINS", "cors_origins", lambda raw: tuple(raw.split(","))),
+    ("RUN_RECOVERY_MODE", "run_recovery_mode", _recovery_mode),
+    ("RUNNER_POLL_TIMEOUT", "runner_poll_timeout", _positive_float),
+    ("RUNNER_HEARTBEAT_INTERVAL", "runner_heartbeat_interval", _positive_float),
+    ("RUNNER_STALE_THRESHOLD", "runner_stale_threshold", _positive_float),
+    ("RUNNER_REMOVE_THRESHOLD", "runner_remove_threshold", _positive_float),
+    ("RUNNER_LIFECYCLE_INTERVAL", "runner_lifecycle_interval", _positive_float),
+    ("RUN_NO_MATCH_TIMEOUT", "run_no_match_timeout", _positive_float),
+    ("AUTH_ENABLED", "auth_enabled", _flag),
+    ("AUTH0_DOMAIN", "auth0_domain", str),
+    ("AUTH0_AUDIENCE", "auth0_audience", str),
+    ("BROADCAST_QUEUE_SIZE", "broadcast_queue_size", _positive_int),
+    ("MAX_BODY_BYTES", "max_body_bytes", _positive_int),
+]
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the ASGI app; the store and background tasks live only inside its lifespan."""
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        db = await anyio.to_thread.run_sync(Database, settings.db_path)
+        broadcaster = Broadcaster(queue_size=settings.broadcast_queue_size)
+        app.state.settings = settings
+        app.state.db = db
+        app.state.broadcaster = broadcaster
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(broadcaster.run)
+                yield
+                tasks.cancel_scope.cancel()
+        finally:
+            await anyio.to_thread.run_sync(db.close)
+
+    return Starlette(
+        routes=[*health.routes],
+        middleware=[
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["*"],
+                allow_headers=["*"],
+            )
+        ],
+        exception_handlers=errors.handlers,
+        lifespan=lifespan,
+    )
+
+
+def _configure_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="agent-coordinator", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", help="bind address (default: COORDINATOR_HOST or 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port (default: COORDINATOR_PORT or 8765)")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"agent-coordinator: invalid configuration: {exc}")
+    _configure_logging(settings.debug_logging)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.host,
+        port=settings.port if args.port is None else args.port,
+        ws="websockets-sansio",
+        log_level="debug" if settings.debug_logging else "info",
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""msgspec Structs: request bodies and the records the API returns."""

@@ -1,0 +1,69 @@
+"""Request decoding and response encoding shared by every route module."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from routes.errors import ValidationFailed, from_msgspec
+
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder()
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    """Encode with msgspec straight to bytes (Structs keep their field order)."""
+    return Response(_encoder.encode(content), status_code=status_code, media_type="application/json")
+
+
+async def read_body(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode the body with a module-level decoder: JSON whatever the Content-Type says."""
+    limit = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"Request body larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"Request body larger than {limit} bytes")
+    try:
+        return decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise from_msgspec(exc) from None
+
+
+_TRUE = {"true", "1", "yes", "on", "t", "y"}
+_FALSE = {"false", "0", "no", "off", "f", "n"}
+
+
+def query_bool(request: Request, name: str, default: bool) -> bool:
+    """Parse a boolean query value the way the reference (pydantic) does."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValidationFailed.one(["query", name], "Input should be a valid boolean", "bool_parsing")
+
+
+def query_int(request: Request, name: str, low: int, high: int | None = None) -> int | None:
+    """An optional integer query value within [low, high]; anything else is a 422."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationFailed.one(["query", name], "Input should be a valid integer", "int_parsing") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValidationFailed.one(["query", name], f"Input should be {bounds}")
+    return value

@@ -1,0 +1,74 @@
+"""The one place where failures become JSON `{"detail": ...}` responses."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+log = logging.getLogger("coordinator.errors")
+
+
+class ValidationFailed(Exception):
+    """A request body or query value that does not fit: answered 422 with a list of problems."""
+
+    def __init__(self, problems: list[dict]):
+        self.problems = problems
+
+    @classmethod
+    def one(cls, loc: list, msg: str, type_: str = "value_error") -> ValidationFailed:
+        return cls([{"type": type_, "loc": loc, "msg": msg}])
+
+
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def from_msgspec(exc: msgspec.ValidationError | msgspec.DecodeError) -> ValidationFailed:
+    """Translate msgspec's message (`... - at `$.a[0]``) into a `loc`/`msg` item."""
+    message = str(exc)
+    if isinstance(exc, msgspec.ValidationError):
+        text, _, path = message.partition(" - at `")
+        loc: list = ["body"]
+        for name, index in _PATH_PART.findall(path.rstrip("`").removeprefix("$")):
+            loc.append(int(index) if index else name)
+        missing = _MISSING.search(text)
+        if missing:
+            loc.append(missing.group(1))
+        return ValidationFailed.one(loc, text, "missing" if missing else "value_error")
+    return ValidationFailed.one(["body"], message, "json_invalid")
+
+
+def json_error(status: int, detail, headers: dict | None = None) -> Response:
+    return Response(
+        msgspec.json.encode({"detail": detail}),
+        status_code=status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return json_error(exc.status_code, exc.detail, exc.headers)
+
+
+async def _validation_failed(request: Request, exc: ValidationFailed) -> Response:
+    return json_error(422, exc.problems)
+
+
+async def _unhandled(request: Request, exc: Exception) -> Response:
+    # ServerErrorMiddleware logs the traceback; the client only learns that it failed.
+    return json_error(500, "Internal Server Error")
+
+
+handlers = {
+    HTTPException: _http_exception,
+    ValidationFailed: _validation_failed,
+    Exception: _unhandled,
+}

@@ -1,0 +1,239 @@
+"""SQLite through APSW: connection policy, schema migrations, one writer thread, pooled readers.
+
+Every write goes through the single writer thread. It drains whatever writes are queued into one
+`BEGIN IMMEDIATE` transaction (each write in its own savepoint, so one failure rolls back only
+that write), commits, and only then resolves the callers: a caller that got an answer knows its
+data is committed (group commit: many writes share one fsync). Reads run on per-thread
+connections in anyio's worker threads, each inside its own read transaction (a consistent
+snapshot in WAL mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import anyio
+import apsw
+
+log = logging.getLogger("coordinator.store")
+
+T = TypeVar("T")
+Verb = Callable[..., T]
+
+BUSY_TIMEOUT_MS = 5000
+MAX_BATCH = 256
+
+# Schema version N is reached by running MIGRATIONS[:N]. The first one is the reference
+# schema, written with IF NOT EXISTS so that a reference database opens unchanged.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE IF NOT EXISTS sessions (
+        session_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        project_dir TEXT,
+        agent_name TEXT,
+        last_resumed_at TEXT,
+        parent_session_id TEXT REFERENCES sessions(session_id) ON DELETE SET NULL,
+        execution_mode TEXT DEFAULT 'sync',
+        executor_session_id TEXT,
+        executor_type TEXT,
+        hostname TEXT
+    );
+    CREATE INDEX IF NOT EXISTS idx_sessions_executor_session_id ON sessions(executor_session_id);
+    CREATE INDEX IF NOT EXISTS idx_sessions_hostname ON sessions(hostname);
+    CREATE TABLE IF NOT EXISTS events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        timestamp TEXT NOT NULL,
+        tool_name TEXT,
+        tool_input TEXT,
+        tool_output TEXT,
+        error TEXT,
+        exit_code INTEGER,
+        reason TEXT,
+        role TEXT,
+        content TEXT,
+        FOREIGN KEY (session_id) REFERENCES sessions(session_id) ON DELETE CASCADE
+    );
+    CREATE INDEX IF NOT EXISTS idx_events_session ON events(session_id, timestamp DESC);
+    CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        agent_name TEXT,
+        prompt TEXT NOT NULL,
+        project_dir TEXT,
+        parent_session_id TEXT,
+        execution_mode TEXT NOT NULL DEFAULT 'sync',
+        demands TEXT,
+        status TEXT NOT NULL DEFAULT 'pending',
+        runner_id TEXT,
+        error TEXT,
+        created_at TEXT NOT NULL,
+        claimed_at TEXT,
+        started_at TEXT,
+        completed_at TEXT,
+        timeout_at TEXT,
+        FOREIGN KEY (session_id) REFERENCES sessions(session_id) ON DELETE CASCADE
+    );
+    CREATE INDEX IF NOT EXISTS idx_runs_session_id ON runs(session_id);
+    CREATE INDEX IF NOT EXISTS idx_runs_status ON runs(status);
+    CREATE INDEX IF NOT EXISTS idx_runs_runner_id ON runs(runner_id);
+    CREATE INDEX IF NOT EXISTS idx_runs_status_created ON runs(status, created_at);
+    """,
+    # Cursor paging of one session's events by id.
+    """
+    CREATE INDEX IF NOT EXISTS idx_events_session_id ON events(session_id, id);
+    """,
+]
+
+
+def connect(path: Path | str) -> apsw.Connection:
+    """Open a connection with the project's policy: WAL, FKs on, a real busy timeout, and
+    synchronous=FULL so that a commit survives a power loss as well as a process crash."""
+    conn = apsw.Connection(str(path))
+    conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def migrate(conn: apsw.Connection) -> int:
+    """Bring the schema to the newest version; returns the version reached."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        with conn:
+            conn.execute(script)
+            conn.execute(f"PRAGMA user_version={number}")
+        log.info("database schema migrated to version %d", number)
+    return len(MIGRATIONS)
+
+
+class _Write:
+    __slots__ = ("fn", "args", "future")
+
+    def __init__(self, fn: Callable, args: tuple):
+        self.fn = fn
+        self.args = args
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+
+
+class Database:
+    """The store's entry point: `await db.write(verb, ...)` and `await db.read(verb, ...)` run a
+    verb (a function taking the connection first) on the right connection and thread."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer_conn = connect(self.path)
+        migrate(self._writer_conn)
+        self._writes: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._local = threading.local()
+        self._readers: list[apsw.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
+        self._writer.start()
+
+    # -- writes -------------------------------------------------------------------------
+
+    def submit(self, fn: Verb[T], *args: Any) -> concurrent.futures.Future[T]:
+        job = _Write(fn, args)
+        self._writes.put(job)
+        return job.future
+
+    async def write(self, fn: Verb[T], *args: Any) -> T:
+        """Run a write verb in the writer thread; returns once its transaction is committed."""
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def write_sync(self, fn: Verb[T], *args: Any) -> T:
+        return self.submit(fn, *args).result()
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._writes.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    job = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Write]) -> None:
+        conn = self._writer_conn
+        outcomes: list[tuple[_Write, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT write")
+                try:
+                    result = job.fn(conn, *job.args)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO write")
+                    outcomes.append((job, None, exc))
+                else:
+                    outcomes.append((job, result, None))
+                conn.execute("RELEASE write")
+            conn.execute("COMMIT")
+        except Exception as exc:  # the transaction itself failed: nothing in it is committed
+            log.exception("write transaction failed")
+            if not conn.get_autocommit():
+                conn.execute("ROLLBACK")
+            outcomes = [(job, None, exc) for job in batch]
+        for job, result, error in outcomes:
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
+
+    # -- reads --------------------------------------------------------------------------
+
+    def _reader(self) -> apsw.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = connect(self.path)
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def read_sync(self, fn: Verb[T], *args: Any) -> T:
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            return fn(conn, *args)
+        finally:
+            conn.execute("COMMIT")
+
+    async def read(self, fn: Verb[T], *args: Any) -> T:
+        """Run a read verb on a worker thread's own connection, in one snapshot."""
+        return await anyio.to_thread.run_sync(self.read_sync, fn, *args)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish every queued write, then close all connections."""
+        self._writes.put(None)
+        self._writer.join()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        self._writer_conn.close()
