@@ -21,7 +21,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from broadcast import Broadcaster
-from routes import errors, health
+from routes import agents, errors, health, live, runner, runs, sessions
 from store.db import Database
 
 log = logging.getLogger("coordinator")
@@ -153,7 +153,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await anyio.to_thread.run_sync(db.close)
 
     return Starlette(
-        routes=[*health.routes],
+        routes=[
+            *health.routes,
+            *sessions.routes,
+            *runs.routes,
+            *runner.routes,
+            *agents.routes,
+            *live.routes,
+        ],
         middleware=[
             Middleware(
                 CORSMiddleware,

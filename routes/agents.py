@@ -1,0 +1,3 @@
+"""agents routes (being built)."""
+
+routes: list = []

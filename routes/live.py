@@ -1,0 +1,3 @@
+"""live routes (being built)."""
+
+routes: list = []

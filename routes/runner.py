@@ -1,0 +1,3 @@
+"""runner routes (being built)."""
+
+routes: list = []

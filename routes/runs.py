@@ -1,0 +1,3 @@
+"""runs routes (being built)."""
+
+routes: list = []

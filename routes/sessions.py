@@ -1,0 +1,3 @@
+"""sessions routes (being built)."""
+
+routes: list = []
