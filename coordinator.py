@@ -23,6 +23,7 @@ from starlette.middleware.cors import CORSMiddleware
 from broadcast import Broadcaster
 from routes import agents, errors, health, live, runner, runs, sessions
 from store.db import Database
+from store.events import newest_event_id
 
 log = logging.getLogger("coordinator")
 
@@ -140,7 +141,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         db = await anyio.to_thread.run_sync(Database, settings.db_path)
-        broadcaster = Broadcaster(queue_size=settings.broadcast_queue_size)
+        cursor = await db.read(newest_event_id)
+        broadcaster = Broadcaster(queue_size=settings.broadcast_queue_size, cursor=cursor)
         app.state.settings = settings
         app.state.db = db
         app.state.broadcaster = broadcaster

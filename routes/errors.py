@@ -10,6 +10,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from store.errors import Conflict, NotFound, Rejected, StoreError
+
 log = logging.getLogger("coordinator.errors")
 
 
@@ -62,6 +64,13 @@ async def _validation_failed(request: Request, exc: ValidationFailed) -> Respons
     return json_error(422, exc.problems)
 
 
+_STORE_STATUS = {NotFound: 404, Conflict: 409, Rejected: 400}
+
+
+async def _store_error(request: Request, exc: StoreError) -> Response:
+    return json_error(_STORE_STATUS[type(exc)], exc.detail)
+
+
 async def _unhandled(request: Request, exc: Exception) -> Response:
     # ServerErrorMiddleware logs the traceback; the client only learns that it failed.
     return json_error(500, "Internal Server Error")
@@ -70,5 +79,6 @@ async def _unhandled(request: Request, exc: Exception) -> Response:
 handlers = {
     HTTPException: _http_exception,
     ValidationFailed: _validation_failed,
+    StoreError: _store_error,
     Exception: _unhandled,
 }

@@ -1,3 +1,163 @@
-"""sessions routes (being built)."""
+"""Sessions and their events: /sessions..., and the legacy /events routes the dashboard uses."""
 
-routes: list = []
+from __future__ import annotations
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from models import BindSession, CreateSession, Event, Session, SessionMetadata
+from routes.common import json_response, query_int, read_body
+from routes.errors import ValidationFailed
+from store import events, sessions
+
+_create = msgspec.json.Decoder(CreateSession)
+_bind = msgspec.json.Decoder(BindSession)
+_metadata = msgspec.json.Decoder(SessionMetadata)
+_event = msgspec.json.Decoder(Event)
+
+MAX_PAGE = 1000
+
+
+def publish_session(request: Request, type_: str, session: Session) -> None:
+    request.app.state.broadcaster.publish(type_, {"session": session}, session.session_id)
+
+
+def _session_ok(session: Session) -> Response:
+    return json_response({"ok": True, "session": session})
+
+
+async def list_sessions(request: Request):
+    status = request.query_params.get("status")
+    limit = query_int(request, "limit", 1)
+    found = await request.app.state.db.read(sessions.list_sessions, status, limit)
+    return json_response({"sessions": found})
+
+
+async def create_session(request: Request):
+    body = await read_body(request, _create)
+    # The mode is validated but, as in the reference, not stored: sessions created here are sync.
+    session = await request.app.state.db.write(
+        sessions.create_session,
+        body.session_id,
+        project_dir=body.project_dir,
+        agent_name=body.agent_name,
+        parent_session_id=body.parent_session_id,
+    )
+    publish_session(request, "session_created", session)
+    return _session_ok(session)
+
+
+async def get_session(request: Request):
+    session = await request.app.state.db.read(sessions.require_session, request.path_params["session_id"])
+    return json_response({"session": session})
+
+
+async def get_status(request: Request):
+    session = await request.app.state.db.read(sessions.get_session, request.path_params["session_id"])
+    return json_response({"status": session.status if session else "not_existent"})
+
+
+async def get_result(request: Request):
+    result = await request.app.state.db.read(sessions.session_result, request.path_params["session_id"])
+    return json_response({"result": result})
+
+
+async def get_affinity(request: Request):
+    s = await request.app.state.db.read(sessions.require_session, request.path_params["session_id"])
+    affinity = {
+        "session_id": s.session_id,
+        "executor_session_id": s.executor_session_id,
+        "hostname": s.hostname,
+        "project_dir": s.project_dir,
+        "executor_type": s.executor_type,
+    }
+    return json_response({"affinity": affinity})
+
+
+async def bind_session(request: Request):
+    body = await read_body(request, _bind)
+    session = await request.app.state.db.write(
+        sessions.bind_session,
+        request.path_params["session_id"],
+        body.executor_session_id,
+        body.hostname,
+        body.executor_type,
+        body.project_dir,
+    )
+    publish_session(request, "session_updated", session)
+    return _session_ok(session)
+
+
+async def patch_metadata(request: Request):
+    body = await read_body(request, _metadata)
+    fields = {name: getattr(body, name) for name in body.__struct_fields__}
+    session = await request.app.state.db.write(sessions.update_session, request.path_params["session_id"], **fields)
+    publish_session(request, "session_updated", session)
+    return _session_ok(session)
+
+
+async def delete_session(request: Request):
+    session_id = request.path_params["session_id"]
+    count = await request.app.state.db.write(sessions.delete_session, session_id)
+    request.app.state.broadcaster.publish("session_deleted", {"session_id": session_id}, session_id)
+    return json_response({"ok": True, "session_id": session_id, "deleted": {"session": True, "events_count": count}})
+
+
+async def post_event(request: Request):
+    session_id = request.path_params["session_id"]
+    db = request.app.state.db
+    try:
+        event = await read_body(request, _event)
+    except ValidationFailed:
+        # An unknown session is reported before a malformed body.
+        await db.read(sessions.require_session, session_id)
+        raise
+    event_id, finished = await db.write(events.append_event, session_id, event)
+    if finished is not None:
+        publish_session(request, "session_updated", finished)
+    request.app.state.broadcaster.publish("event", {"data": event}, session_id, event_id)
+    return json_response({"ok": True})
+
+
+async def post_legacy_event(request: Request):
+    event = await read_body(request, _event)
+    event_id = await request.app.state.db.write(events.append_legacy_event, event)
+    request.app.state.broadcaster.publish("event", {"data": event}, event.session_id, event_id)
+    return json_response({"ok": True})
+
+
+async def _events_page(request: Request, known_session: bool) -> Response:
+    after = query_int(request, "after", 0)
+    limit = query_int(request, "limit", 1, MAX_PAGE)
+    body = await request.app.state.db.read(
+        events.list_events_json, request.path_params["session_id"], after, limit, known_session
+    )
+    return Response(b'{"events":%s}' % body.encode(), media_type="application/json")
+
+
+async def list_events(request: Request):
+    return await _events_page(request, known_session=True)
+
+
+async def list_legacy_events(request: Request):
+    # Never 404: an unknown session simply has no events.
+    return await _events_page(request, known_session=False)
+
+
+routes = [
+    Route("/sessions", list_sessions, methods=["GET"]),
+    Route("/sessions", create_session, methods=["POST"]),
+    Route("/sessions/{session_id}", get_session, methods=["GET"]),
+    Route("/sessions/{session_id}", delete_session, methods=["DELETE"]),
+    Route("/sessions/{session_id}/status", get_status, methods=["GET"]),
+    Route("/sessions/{session_id}/result", get_result, methods=["GET"]),
+    Route("/sessions/{session_id}/affinity", get_affinity, methods=["GET"]),
+    Route("/sessions/{session_id}/bind", bind_session, methods=["POST"]),
+    Route("/sessions/{session_id}/metadata", patch_metadata, methods=["PATCH"]),
+    Route("/sessions/{session_id}/events", list_events, methods=["GET"]),
+    Route("/sessions/{session_id}/events", post_event, methods=["POST"]),
+    Route("/events", post_legacy_event, methods=["POST"]),
+    Route("/events/{session_id}", list_legacy_events, methods=["GET"]),
+]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import queue
 import threading
@@ -119,11 +120,12 @@ def migrate(conn: apsw.Connection) -> int:
 
 
 class _Write:
-    __slots__ = ("fn", "args", "future")
+    __slots__ = ("fn", "args", "kwargs", "future")
 
-    def __init__(self, fn: Callable, args: tuple):
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict):
         self.fn = fn
         self.args = args
+        self.kwargs = kwargs
         self.future: concurrent.futures.Future = concurrent.futures.Future()
 
 
@@ -145,17 +147,17 @@ class Database:
 
     # -- writes -------------------------------------------------------------------------
 
-    def submit(self, fn: Verb[T], *args: Any) -> concurrent.futures.Future[T]:
-        job = _Write(fn, args)
+    def submit(self, fn: Verb[T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        job = _Write(fn, args, kwargs)
         self._writes.put(job)
         return job.future
 
-    async def write(self, fn: Verb[T], *args: Any) -> T:
+    async def write(self, fn: Verb[T], *args: Any, **kwargs: Any) -> T:
         """Run a write verb in the writer thread; returns once its transaction is committed."""
-        return await asyncio.wrap_future(self.submit(fn, *args))
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
-    def write_sync(self, fn: Verb[T], *args: Any) -> T:
-        return self.submit(fn, *args).result()
+    def write_sync(self, fn: Verb[T], *args: Any, **kwargs: Any) -> T:
+        return self.submit(fn, *args, **kwargs).result()
 
     def _write_loop(self) -> None:
         while True:
@@ -185,7 +187,7 @@ class Database:
             for job in batch:
                 conn.execute("SAVEPOINT write")
                 try:
-                    result = job.fn(conn, *job.args)
+                    result = job.fn(conn, *job.args, **job.kwargs)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO write")
                     outcomes.append((job, None, exc))
@@ -214,17 +216,17 @@ class Database:
                 self._readers.append(conn)
         return conn
 
-    def read_sync(self, fn: Verb[T], *args: Any) -> T:
+    def read_sync(self, fn: Verb[T], *args: Any, **kwargs: Any) -> T:
         conn = self._reader()
         conn.execute("BEGIN")
         try:
-            return fn(conn, *args)
+            return fn(conn, *args, **kwargs)
         finally:
             conn.execute("COMMIT")
 
-    async def read(self, fn: Verb[T], *args: Any) -> T:
+    async def read(self, fn: Verb[T], *args: Any, **kwargs: Any) -> T:
         """Run a read verb on a worker thread's own connection, in one snapshot."""
-        return await anyio.to_thread.run_sync(self.read_sync, fn, *args)
+        return await anyio.to_thread.run_sync(functools.partial(self.read_sync, fn, *args, **kwargs))
 
     # -- lifecycle ----------------------------------------------------------------------
 

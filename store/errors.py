@@ -1,0 +1,19 @@
+"""What store verbs raise when a request cannot be applied; routes map them to 4xx answers."""
+
+
+class StoreError(Exception):
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(StoreError):
+    """The thing named does not exist."""
+
+
+class Conflict(StoreError):
+    """It exists already, or its state forbids the change."""
+
+
+class Rejected(StoreError):
+    """The request contradicts itself or the stored state."""
