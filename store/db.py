@@ -94,6 +94,15 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX IF NOT EXISTS idx_events_session_id ON events(session_id, id);
     """,
+    # The newest deleted event id, kept by a trigger (cascades and retention included), so a
+    # live subscriber resuming from an older cursor learns that it cannot get everything back.
+    """
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    CREATE TRIGGER IF NOT EXISTS events_deleted_watermark AFTER DELETE ON events BEGIN
+        INSERT INTO meta (key, value) VALUES ('max_deleted_event_id', OLD.id)
+        ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value);
+    END;
+    """,
 ]
 
 
