@@ -103,6 +103,37 @@ MIGRATIONS: list[str] = [
         ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value);
     END;
     """,
+    # Runner registrations, stop commands and callback state: durable, so that runners and
+    # queued work survive a coordinator restart.
+    """
+    CREATE TABLE IF NOT EXISTS runners (
+        runner_id TEXT PRIMARY KEY,
+        registered_at TEXT NOT NULL,
+        last_heartbeat TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        project_dir TEXT NOT NULL,
+        executor_type TEXT NOT NULL,
+        tags TEXT NOT NULL DEFAULT '[]',
+        status TEXT NOT NULL DEFAULT 'online',
+        deregistering INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE IF NOT EXISTS runner_stops (
+        runner_id TEXT NOT NULL REFERENCES runners(runner_id) ON DELETE CASCADE,
+        run_id TEXT NOT NULL,
+        PRIMARY KEY (runner_id, run_id)
+    );
+    CREATE TABLE IF NOT EXISTS callbacks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        parent_session_id TEXT NOT NULL REFERENCES sessions(session_id) ON DELETE CASCADE,
+        child_session_id TEXT NOT NULL,
+        failed INTEGER NOT NULL,
+        text TEXT
+    );
+    CREATE INDEX IF NOT EXISTS idx_callbacks_parent ON callbacks(parent_session_id, id);
+    CREATE TABLE IF NOT EXISTS callbacks_in_flight (
+        session_id TEXT PRIMARY KEY REFERENCES sessions(session_id) ON DELETE CASCADE
+    );
+    """,
 ]
 
 
