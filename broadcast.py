@@ -30,22 +30,38 @@ TYPES = ("init", "session_created", "session_updated", "session_deleted", "event
 @dataclass(frozen=True, slots=True)
 class Message:
     type: str
-    payload: dict[str, Any]
     session_id: str | None
     cursor: int
-    ws_frame: str  # `{"type": ..., **payload}`
+    ws_frame: str  # `{"type": ..., **payload}`: the reference's format
+    ws_frame_cursor: str  # the same with `"cursor": <cursor>` last, for resuming clients
     sse_frame: bytes  # `id: <cursor>\nevent: <type>\ndata: <payload>\n\n`
 
 
 def encode(type_: str, payload: dict[str, Any], session_id: str | None, cursor: int) -> Message:
-    data = _encoder.encode(payload)
-    ws = _encoder.encode({"type": type_, **payload}).decode()
-    sse = b"id: %d\nevent: %s\ndata: %s\n\n" % (cursor, type_.encode(), data)
-    return Message(type_, payload, session_id, cursor, ws, sse)
+    """Encode a message once for every kind of subscriber."""
+    return encode_json(type_, _encoder.encode(payload), session_id, cursor)
+
+
+def encode_json(type_: str, payload_json: bytes, session_id: str | None, cursor: int) -> Message:
+    head = b'{"type":"%s"' % type_.encode()
+    body = payload_json[1:-1]
+    ws = head + (b"," + body if body else b"") + b"}"
+    return Message(
+        type_,
+        session_id,
+        cursor,
+        ws.decode(),
+        (ws[:-1] + b',"cursor":%d}' % cursor).decode(),
+        b"id: %d\nevent: %s\ndata: %s\n\n" % (cursor, type_.encode(), payload_json),
+    )
 
 
 class Dropped(Exception):
     """The subscriber fell behind by more than its queue holds and was disconnected."""
+
+
+class TooManySubscribers(Exception):
+    """The configured number of live subscribers is reached."""
 
 
 class Subscriber:
@@ -54,18 +70,25 @@ class Subscriber:
         self._size = size
         self._queue: deque[Message] = deque()
         self._ready = asyncio.Event()
-        self.dropped = False
+        self._dropped = asyncio.Event()
 
     def offer(self, message: Message) -> bool:
         """Queue a message; False (and the subscriber is dropped) when the queue is full."""
         if len(self._queue) >= self._size:
             self._queue.clear()
-            self.dropped = True
+            self._dropped.set()
             self._ready.set()
             return False
         self._queue.append(message)
         self._ready.set()
         return True
+
+    @property
+    def dropped(self) -> bool:
+        return self._dropped.is_set()
+
+    async def wait_dropped(self) -> None:
+        await self._dropped.wait()
 
     async def get(self) -> Message:
         """The next message in broadcast order; raises Dropped once the subscriber is dropped."""
@@ -80,8 +103,9 @@ class Subscriber:
 
 
 class Broadcaster:
-    def __init__(self, queue_size: int = 1000, cursor: int = 0):
+    def __init__(self, queue_size: int = 1000, cursor: int = 0, max_subscribers: int = 1000):
         self.queue_size = queue_size
+        self.max_subscribers = max_subscribers
         self.cursor = cursor  # newest stored event id seen
         self._inbox: asyncio.Queue[tuple[str, dict, str | None, int | None]] = asyncio.Queue()
         self._subscribers: set[Subscriber] = set()
@@ -91,6 +115,10 @@ class Broadcaster:
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 
+    @property
+    def full(self) -> bool:
+        return len(self._subscribers) >= self.max_subscribers
+
     def publish(
         self, type_: str, payload: dict[str, Any], session_id: str | None, event_id: int | None = None
     ) -> None:
@@ -99,7 +127,10 @@ class Broadcaster:
 
     @contextlib.contextmanager
     def subscribe(self, session_id: str | None = None):
-        """Register a subscriber (only messages of `session_id` if given) for the block."""
+        """Register a subscriber (only messages of `session_id` if given) for the block;
+        TooManySubscribers when the limit is reached."""
+        if self.full:
+            raise TooManySubscribers
         subscriber = Subscriber(self.queue_size, session_id)
         self._subscribers.add(subscriber)
         try:

@@ -83,6 +83,8 @@ class Settings:
     auth0_domain: str = ""
     auth0_audience: str = ""
     broadcast_queue_size: int = 1000
+    max_subscribers: int = 1000
+    sse_heartbeat_interval: float = 30.0
     max_body_bytes: int = 1024 * 1024
 
     @property
@@ -130,6 +132,8 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("AUTH0_DOMAIN", "auth0_domain", str),
     ("AUTH0_AUDIENCE", "auth0_audience", str),
     ("BROADCAST_QUEUE_SIZE", "broadcast_queue_size", _positive_int),
+    ("MAX_SUBSCRIBERS", "max_subscribers", _positive_int),
+    ("SSE_HEARTBEAT_INTERVAL", "sse_heartbeat_interval", _positive_float),
     ("MAX_BODY_BYTES", "max_body_bytes", _positive_int),
 ]
 
@@ -142,7 +146,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette):
         db = await anyio.to_thread.run_sync(Database, settings.db_path)
         cursor = await db.read(newest_event_id)
-        broadcaster = Broadcaster(queue_size=settings.broadcast_queue_size, cursor=cursor)
+        broadcaster = Broadcaster(settings.broadcast_queue_size, cursor, settings.max_subscribers)
         app.state.settings = settings
         app.state.db = db
         app.state.broadcaster = broadcaster

@@ -1,3 +1,171 @@
-"""live routes (being built)."""
+"""Live updates: the WebSocket `/ws` and the SSE stream `/sse/sessions`. Transports only: the
+broadcaster decides what is sent, in which order, and who is too slow to keep."""
 
-routes: list = []
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator, Callable
+
+import anyio
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from broadcast import Dropped, Message, Subscriber, TooManySubscribers, encode, encode_json
+from routes.common import query_bool
+from store import events, sessions
+
+log = logging.getLogger("coordinator.live")
+
+REPLAY_PAGE = 500
+SEND_TIMEOUT = 10.0  # a peer that cannot take one frame in this long is gone
+CLOSE_TRY_AGAIN = 1013
+CLOSE_POLICY = 1008
+
+
+async def _init_message(request, session_id: str | None) -> Message:
+    """All sessions (newest first), or only the filtered one, with the current cursor."""
+    cursor = request.app.state.broadcaster.cursor
+    if session_id is None:
+        found = await request.app.state.db.read(sessions.list_sessions)
+    else:
+        one = await request.app.state.db.read(sessions.get_session, session_id)
+        found = [one] if one else []
+    return encode("init", {"sessions": found}, session_id, cursor)
+
+
+async def _replay(request, since: int, session_id: str | None) -> AsyncIterator[Message]:
+    """Stored events after `since`, in id order, preceded by a `replay_gap` message when
+    events after `since` were deleted (their session or retention took them)."""
+    db = request.app.state.db
+    deleted = await db.read(events.max_deleted_event_id)
+    after = since
+    page = await db.read(events.replay_page, after, session_id, REPLAY_PAGE)
+    if deleted > since:
+        earliest = page[0][0] if page else None
+        yield encode("replay_gap", {"since": since, "earliest": earliest}, session_id, since)
+    while page:
+        for event_id, data in page:
+            yield encode_json("event", b'{"data":%s}' % data.encode(), session_id, event_id)
+        after = page[-1][0]
+        page = await db.read(events.replay_page, after, session_id, REPLAY_PAGE) if len(page) == REPLAY_PAGE else []
+
+
+async def _messages(
+    request, subscriber: Subscriber, init: bool, since: int | None, idle: float | None = None
+) -> AsyncIterator[Message | None]:
+    """What one subscriber receives: `init`, the replay, then live messages (None after each
+    `idle` seconds without any). The subscriber was registered before anything was read, so
+    nothing falls between replay and live; live events the replay already delivered are
+    skipped by their cursor."""
+    if init:
+        yield await _init_message(request, subscriber.session_id)
+    replayed = 0
+    if since is not None:
+        async for message in _replay(request, since, subscriber.session_id):
+            replayed = max(replayed, message.cursor)
+            yield message
+    while True:
+        message = None
+        with anyio.move_on_after(idle):
+            message = await subscriber.get()
+        if message is None or message.type != "event" or message.cursor > replayed:
+            yield message
+
+
+def _cursor_param(raw: str | None) -> int | None:
+    """A resume cursor; anything but a non-negative integer means "no resume"."""
+    return int(raw) if raw is not None and raw.isdigit() else None
+
+
+# -- WebSocket ----------------------------------------------------------------------------
+
+
+async def ws_endpoint(websocket: WebSocket):
+    params = websocket.query_params
+    session_id = params.get("session_id")
+    since = _cursor_param(params.get("since"))
+    broadcaster = websocket.app.state.broadcaster
+    await websocket.accept()
+    if broadcaster.full:
+        await websocket.close(CLOSE_TRY_AGAIN, "Too many live subscribers, try again later")
+        return
+    close = None  # stays None when the peer leaves first
+    with broadcaster.subscribe(session_id) as subscriber:
+        async with anyio.create_task_group() as tasks:
+            # Whichever ends first ends the subscription: the peer leaves, the broadcaster
+            # drops it (even while a send is stuck on a full socket), or sending fails.
+            stop = tasks.cancel_scope.cancel
+            tasks.start_soon(_ignore_client_frames, websocket, stop)
+            tasks.start_soon(_call_when_dropped, subscriber, stop)
+            close = await _send_frames(websocket, _messages(websocket, subscriber, True, since), since is not None)
+            stop()
+    if subscriber.dropped:
+        close = CLOSE_TRY_AGAIN, "Subscriber fell behind; reconnect with since=<last cursor>"
+    if close is not None:
+        with anyio.move_on_after(SEND_TIMEOUT):
+            await websocket.close(*close)
+
+
+async def _ignore_client_frames(websocket: WebSocket, on_disconnect: Callable[[], None]) -> None:
+    """Read (and drop) client keep-alives; a disconnect ends the subscription at once."""
+    while (await websocket.receive())["type"] != "websocket.disconnect":
+        pass
+    on_disconnect()
+
+
+async def _call_when_dropped(subscriber: Subscriber, stop: Callable[[], None]) -> None:
+    await subscriber.wait_dropped()
+    stop()
+
+
+async def _send_frames(websocket: WebSocket, messages: AsyncIterator[Message], with_cursor: bool):
+    """Send until the peer leaves or is dropped (returns None) or is too slow (code, reason)."""
+    try:
+        async for message in messages:
+            frame = message.ws_frame_cursor if with_cursor else message.ws_frame
+            with anyio.fail_after(SEND_TIMEOUT):
+                await websocket.send_text(frame)
+    except Dropped:
+        return None
+    except TimeoutError:
+        return CLOSE_TRY_AGAIN, "Subscriber too slow to receive"
+    except (WebSocketDisconnect, OSError):
+        return None
+
+
+# -- Server-sent events -------------------------------------------------------------------
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "Connection": "keep-alive", "X-Accel-Buffering": "no"}
+
+
+async def sse_sessions(request: Request):
+    session_id = request.query_params.get("session_id")
+    include_init = query_bool(request, "include_init", True)
+    last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    since = _cursor_param(last_event_id)
+    # As in the reference, a client that resumes gets no `init` (whether or not its id is ours).
+    init = include_init and last_event_id is None
+    broadcaster = request.app.state.broadcaster
+    if broadcaster.full:
+        raise HTTPException(503, "Too many live subscribers, try again later")
+    heartbeat = request.app.state.settings.sse_heartbeat_interval
+
+    async def stream() -> AsyncIterator[bytes]:
+        # Subscribing here, not in the handler, means a response that never starts leaks nothing.
+        try:
+            with broadcaster.subscribe(session_id) as subscriber:
+                async for message in _messages(request, subscriber, init, since, heartbeat):
+                    yield b": heartbeat\n\n" if message is None else message.sse_frame
+        except (Dropped, TooManySubscribers):
+            log.info("SSE subscriber ended early; it may resume with Last-Event-ID")
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+routes = [
+    WebSocketRoute("/ws", ws_endpoint),
+    Route("/sse/sessions", sse_sessions, methods=["GET"]),
+]

@@ -101,3 +101,26 @@ def list_events_json(
 
 def newest_event_id(conn: apsw.Connection) -> int:
     return conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+
+
+# An event as broadcast (`Event` order, no id), for replaying to live subscribers.
+_EVENT_DATA_JSON = (
+    "json_object('event_type', event_type, 'session_id', session_id, 'timestamp', timestamp,"
+    " 'tool_name', tool_name, 'tool_input', json(tool_input), 'tool_output', json(tool_output),"
+    " 'error', error, 'exit_code', exit_code, 'reason', reason, 'role', role,"
+    " 'content', json(content))"
+)
+
+
+def replay_page(conn: apsw.Connection, after: int, session_id: str | None, limit: int) -> list[tuple[int, str]]:
+    """Up to `limit` events with id > `after` (of one session if given) as (id, data JSON)."""
+    if session_id is None:
+        sql = f"SELECT id, {_EVENT_DATA_JSON} FROM events WHERE id > ? ORDER BY id LIMIT ?"
+        return conn.execute(sql, (after, limit)).fetchall()
+    sql = f"SELECT id, {_EVENT_DATA_JSON} FROM events WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?"
+    return conn.execute(sql, (session_id, after, limit)).fetchall()
+
+
+def max_deleted_event_id(conn: apsw.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'max_deleted_event_id'").fetchone()
+    return row[0] if row else 0
