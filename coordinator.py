@@ -21,6 +21,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from broadcast import Broadcaster
+from dispatch import Dispatcher
 from routes import agents, errors, health, live, runner, runs, sessions
 from store.db import Database
 from store.events import newest_event_id
@@ -150,9 +151,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.settings = settings
         app.state.db = db
         app.state.broadcaster = broadcaster
+        app.state.dispatcher = dispatcher = Dispatcher(db, broadcaster, settings)
         try:
+            await dispatcher.recover()
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(broadcaster.run)
+                tasks.start_soon(dispatcher.run)
                 yield
                 tasks.cancel_scope.cancel()
         finally:

@@ -91,3 +91,78 @@ class SessionMetadata(msgspec.Struct):
     executor_session_id: str | None = None
     executor_type: str | None = None
     hostname: str | None = None
+
+
+RunType = Literal["start_session", "resume_session"]
+
+
+class Demands(msgspec.Struct):
+    """What a run asks of its runner (`additional_demands` of POST /runs)."""
+
+    hostname: str | None = None
+    project_dir: str | None = None
+    executor_type: str | None = None
+    tags: list[str] | None = None
+
+
+class CreateRun(msgspec.Struct):
+    type: RunType
+    prompt: str
+    session_id: str | None = None
+    agent_name: str | None = None
+    project_dir: str | None = None
+    parent_session_id: str | None = None
+    execution_mode: ExecutionMode | None = None
+    additional_demands: Demands | None = None
+
+
+class Run(msgspec.Struct):
+    run_id: str
+    type: str
+    session_id: str
+    agent_name: str | None
+    prompt: str
+    project_dir: str | None
+    parent_session_id: str | None
+    execution_mode: str
+    demands: dict[str, Any] | None
+    status: str
+    runner_id: str | None
+    error: str | None
+    created_at: str
+    claimed_at: str | None
+    started_at: str | None
+    completed_at: str | None
+    timeout_at: str | None
+
+
+RUN_COLUMNS = ", ".join(Run.__struct_fields__)
+
+
+class Runner(msgspec.Struct):
+    runner_id: str
+    registered_at: str
+    last_heartbeat: str
+    hostname: str
+    project_dir: str
+    executor_type: str
+    tags: list[str]
+    status: str
+    seconds_since_heartbeat: float
+
+
+class RegisterRunner(msgspec.Struct):
+    hostname: str
+    project_dir: str
+    executor_type: str
+    tags: list[str] | None = None
+
+
+class RunnerReport(msgspec.Struct):
+    """Body of the runner's report and heartbeat calls; their other keys are ignored."""
+
+    runner_id: str
+
+
+class RunFailed(RunnerReport):
+    error: str

@@ -117,6 +117,7 @@ async def post_event(request: Request):
     event_id, finished = await db.write(events.append_event, session_id, event)
     if finished is not None:
         publish_session(request, "session_updated", finished)
+        await request.app.state.dispatcher.session_stopped(session_id)  # callbacks to parents
     request.app.state.broadcaster.publish("event", {"data": event}, session_id, event_id)
     return json_response({"ok": True})
 

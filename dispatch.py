@@ -1,0 +1,154 @@
+"""Run dispatch: runners' long-polls and what wakes them, the periodic lifecycle and no-match
+checks, callbacks, and start-up recovery.
+
+Dispatch is event-driven. Every waiting poll has an event; the route that commits a change a
+runner must hear about sets it right after the commit: a new or returned run wakes every waiting
+poll (each tries one atomic claim in the writer; losers wait again), a stop command or a
+deregistration wakes that runner's polls. A waiter's event is cleared *before* each poll round,
+so a wake-up that lands during a round is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Iterator
+
+import anyio
+from starlette.types import Receive
+
+from broadcast import Broadcaster
+from store import callbacks, runners, runs
+from store.db import Database
+from store.stamps import now_ts
+
+log = logging.getLogger("coordinator.dispatch")
+
+
+class _Waiter:
+    __slots__ = ("event", "gone")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.gone = False  # the client hung up
+
+
+class Dispatcher:
+    def __init__(self, db: Database, broadcaster: Broadcaster, settings: Any):
+        self.db = db
+        self.broadcaster = broadcaster
+        self.settings = settings
+        self._waiters: dict[str, set[_Waiter]] = {}
+        # Runner silence is counted from here at the earliest: a restart is not their fault.
+        self._started_at = now_ts()
+
+    # -- long-polls ---------------------------------------------------------------------
+
+    def wake(self, runner_id: str | None = None) -> None:
+        """Cut waiting polls short: one runner's, or (None: a run became claimable) all."""
+        groups = self._waiters.values() if runner_id is None else [self._waiters.get(runner_id, ())]
+        for group in groups:
+            for waiter in group:
+                waiter.event.set()
+
+    @contextlib.contextmanager
+    def _waiting(self, runner_id: str) -> Iterator[_Waiter]:
+        waiter = _Waiter()
+        self._waiters.setdefault(runner_id, set()).add(waiter)
+        try:
+            yield waiter
+        finally:
+            group = self._waiters[runner_id]
+            group.discard(waiter)
+            if not group:
+                del self._waiters[runner_id]
+
+    async def poll(self, runner_id: str, receive: Receive) -> dict[str, Any] | None:
+        """A runner's long-poll: stop commands, a deregistration or a claimed run as soon as
+        there is one, else None once RUNNER_POLL_TIMEOUT has passed (monotonic clock). Raises
+        runners.UnknownRunner. Nothing is taken for a client that has gone away, and what was
+        taken as it left is put back."""
+        deadline = time.monotonic() + self.settings.runner_poll_timeout
+        with self._waiting(runner_id) as waiter:
+            watcher = asyncio.ensure_future(_watch_disconnect(receive, waiter))
+            try:
+                while not waiter.gone:
+                    waiter.event.clear()
+                    outcome = await self.db.write(runners.next_for_runner, runner_id)
+                    if outcome is not None:
+                        if waiter.gone:
+                            await self._give_back(runner_id, outcome)
+                            return None
+                        return outcome
+                    with anyio.move_on_after(deadline - time.monotonic()):
+                        await waiter.event.wait()
+                    if time.monotonic() >= deadline:
+                        return None
+                return None
+            finally:
+                watcher.cancel()
+
+    async def _give_back(self, runner_id: str, outcome: dict[str, Any]) -> None:
+        if "run" in outcome:
+            if await self.db.write(runs.unclaim_run, outcome["run"].run_id, runner_id):
+                self.wake()
+        elif "stop_runs" in outcome:
+            await self.db.write(runs.queue_stops, runner_id, outcome["stop_runs"])
+
+    # -- callbacks ----------------------------------------------------------------------
+
+    async def session_stopped(self, session_id: str) -> None:
+        """After a `session_stop` via /sessions/{id}/events: deliver callbacks (§5.9). The event
+        is stored whatever happens here, so a failure is logged, not answered."""
+        try:
+            created = await self.db.write(callbacks.on_session_stop, session_id)
+        except Exception:
+            log.exception("callbacks after session_stop of %s failed", session_id)
+            return
+        if created:
+            self.wake()
+
+    # -- start-up and periodic checks -----------------------------------------------------
+
+    async def recover(self) -> None:
+        mode = self.settings.run_recovery_mode
+        counts = await self.db.write(runs.recover_runs, mode)
+        log.info(
+            "run recovery (mode %s): %d claimed -> pending, %d running -> failed, %d stopping -> stopped,"
+            " %d stop commands queued again",
+            mode, counts["requeued"], counts["failed"], counts["stopped"], counts["stops_requeued"],
+        )
+
+    async def run(self) -> None:
+        """Every RUNNER_LIFECYCLE_INTERVAL: mark silent runners stale or remove them, and fail
+        pending runs whose demands nobody met in time (announced as `run_failed`)."""
+        while True:
+            await anyio.sleep(self.settings.runner_lifecycle_interval)
+            try:
+                await self.check()
+            except Exception:
+                log.exception("lifecycle check failed")
+
+    async def check(self) -> None:
+        s = self.settings
+        removed = await self.db.write(
+            runners.update_lifecycle, s.runner_stale_threshold, s.runner_remove_threshold, self._started_at
+        )
+        for runner_id in removed:
+            log.info("runner %s removed: no heartbeat for %g s", runner_id, s.runner_remove_threshold)
+            self.wake(runner_id)
+        for run in await self.db.write(runs.fail_timed_out_runs):
+            log.info("run %s failed: no matching runner within %g s", run.run_id, s.run_no_match_timeout)
+            payload = {"run_id": run.run_id, "error": run.error, "session_id": run.session_id}
+            self.broadcaster.publish("run_failed", payload, run.session_id)
+
+
+async def _watch_disconnect(receive: Receive, waiter: _Waiter) -> None:
+    """Flag the waiter and wake it when the client hangs up (a GET has no body to read, so
+    the next message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    waiter.gone = True
+    waiter.event.set()

@@ -1,0 +1,163 @@
+"""Runner verbs: the registry, the poll round, and the reports runners send about their runs.
+
+Registrations live in SQLite, so a runner keeps its id across coordinator restarts.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import apsw
+import msgspec
+
+from models import Run, Runner, Session
+from store import callbacks, runs
+from store.errors import NotFound
+from store.sessions import get_session, update_session
+from store.stamps import now_ts, runner_id as derive_runner_id
+
+_COLUMNS = "runner_id, registered_at, last_heartbeat, hostname, project_dir, executor_type, tags, status"
+
+
+class UnknownRunner(Exception):
+    """The runner id is not registered (answered 401)."""
+
+
+class DuplicateRunner(Exception):
+    """An online runner already has this identity (answered 409 with an object detail)."""
+
+    def __init__(self, runner: Runner):
+        super().__init__(runner.runner_id)
+        self.detail = {
+            "error": "duplicate_runner",
+            "message": (
+                f"Runner with identity ({runner.hostname}, {runner.project_dir}, {runner.executor_type})"
+                f" is already registered and online as {runner.runner_id}"
+            ),
+            "runner_id": runner.runner_id,
+            "hostname": runner.hostname,
+            "project_dir": runner.project_dir,
+            "executor_type": runner.executor_type,
+        }
+
+
+def _runner(row: tuple) -> Runner:
+    *fields, tags, status = row
+    age = datetime.now(timezone.utc) - datetime.fromisoformat(fields[2])
+    return Runner(*fields, msgspec.json.decode(tags), status, age.total_seconds())
+
+
+def get_runner(conn: apsw.Connection, runner_id: str) -> Runner | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM runners WHERE runner_id = ?", (runner_id,)).fetchone()
+    return _runner(row) if row else None
+
+
+def require_runner(conn: apsw.Connection, runner_id: str) -> Runner:
+    runner = get_runner(conn, runner_id)
+    if runner is None:
+        raise UnknownRunner(runner_id)
+    return runner
+
+
+def list_runners(conn: apsw.Connection) -> list[Runner]:
+    """In registration order (a reconnection keeps its place)."""
+    return [_runner(row) for row in conn.execute(f"SELECT {_COLUMNS} FROM runners ORDER BY rowid")]
+
+
+def register_runner(
+    conn: apsw.Connection, hostname: str, project_dir: str, executor_type: str, tags: list[str] | None
+) -> Runner:
+    """A new identity registers `online`; a `stale` one reconnects (keeping `registered_at`,
+    its tags unless new ones are sent, and its queued stop commands); an `online` one is a
+    duplicate."""
+    runner_id = derive_runner_id(hostname, project_dir, executor_type)
+    existing = get_runner(conn, runner_id)
+    now = now_ts()
+    tags_json = None if tags is None else msgspec.json.encode(tags).decode()
+    if existing is None:
+        conn.execute(
+            f"INSERT INTO runners ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 'online')",
+            (runner_id, now, now, hostname, project_dir, executor_type, tags_json or "[]"),
+        )
+    elif existing.status == "online":
+        raise DuplicateRunner(existing)
+    else:
+        conn.execute(
+            "UPDATE runners SET last_heartbeat = ?, status = 'online', deregistering = 0,"
+            " tags = coalesce(?, tags) WHERE runner_id = ?",
+            (now, tags_json, runner_id),
+        )
+    return require_runner(conn, runner_id)
+
+
+def heartbeat(conn: apsw.Connection, runner_id: str) -> None:
+    """Record a sign of life; a `stale` runner is `online` again."""
+    conn.execute("UPDATE runners SET last_heartbeat = ?, status = 'online' WHERE runner_id = ?", (now_ts(), runner_id))
+    if conn.changes() == 0:
+        raise UnknownRunner(runner_id)
+
+
+def deregister_runner(conn: apsw.Connection, runner_id: str, self_initiated: bool) -> None:
+    """A runner shutting down is removed at once (with its stop commands); anyone else only
+    flags it, and its next poll tells it to go."""
+    if self_initiated:
+        conn.execute("DELETE FROM runners WHERE runner_id = ?", (runner_id,))
+    else:
+        conn.execute("UPDATE runners SET deregistering = 1 WHERE runner_id = ?", (runner_id,))
+    if conn.changes() == 0:
+        raise NotFound("Runner not found")
+
+
+def update_lifecycle(
+    conn: apsw.Connection, stale_after: float, remove_after: float, since: str
+) -> list[str]:
+    """Remove runners silent for `remove_after` seconds and mark those silent for `stale_after`
+    `stale`; returns the removed ids. Silence is counted from `since` at the earliest (the
+    coordinator's start), so time the coordinator was down is not held against a runner."""
+    removed = conn.execute(
+        "DELETE FROM runners WHERE max(last_heartbeat, ?) <= ? RETURNING runner_id", (since, now_ts(-remove_after))
+    ).fetchall()
+    conn.execute(
+        "UPDATE runners SET status = 'stale' WHERE status = 'online' AND max(last_heartbeat, ?) <= ?",
+        (since, now_ts(-stale_after)),
+    )
+    return [runner_id for (runner_id,) in removed]
+
+
+def next_for_runner(conn: apsw.Connection, runner_id: str) -> dict[str, Any] | None:
+    """One round of a long-poll, in priority order: queued stop commands, then a pending
+    deregistration (the runner is removed), then a claim. None when there is nothing."""
+    runner = require_runner(conn, runner_id)
+    if stops := runs.take_stops(conn, runner_id):
+        return {"stop_runs": stops}
+    conn.execute("DELETE FROM runners WHERE runner_id = ? AND deregistering", (runner_id,))
+    if conn.changes():
+        return {"deregistered": True}
+    run = runs.claim_run(conn, runner)
+    return {"run": run} if run else None
+
+
+def report(
+    conn: apsw.Connection, runner_id: str, run_id: str, status: str, error: str | None = None
+) -> tuple[Session | None, Run | None]:
+    """Apply a runner's report (`running`, `completed`, `failed` or `stopped`) whatever the
+    run's status. Returns the session to announce (a stop ends it) and a callback run if the
+    report woke a parent."""
+    require_runner(conn, runner_id)
+    run = runs.require_run(conn, run_id)
+    if status == "running":
+        conn.execute("UPDATE runs SET status = 'running', started_at = ? WHERE run_id = ?", (now_ts(), run_id))
+        # A resumed child learns its parent now (a started one got it at creation).
+        if run.parent_session_id and get_session(conn, run.session_id) and get_session(conn, run.parent_session_id):
+            update_session(conn, run.session_id, parent_session_id=run.parent_session_id)
+        return None, None
+    runs.finish_run(conn, run_id, status, error)
+    session = None
+    if status == "stopped":
+        error = "Session was manually stopped"
+        session = runs.set_session_status(conn, run.session_id, "stopped")
+    resumed = None
+    if status != "completed" and run.parent_session_id and run.execution_mode == "async_callback":
+        resumed = callbacks.child_completed(conn, run.parent_session_id, callbacks.Outcome(run.session_id, True, error))
+    return session, resumed

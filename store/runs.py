@@ -1,0 +1,306 @@
+"""Run verbs: the queue (create, claim, stop), stop commands for runners, timeouts, recovery.
+
+Runs are listed and claimed in one order, (`created_at`, `run_id`) ascending: the timestamps have
+a fixed format, so string order is time order and the queue is FIFO across restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import apsw
+import msgspec
+
+from models import RUN_COLUMNS, Run, Runner, Session
+from store.errors import NotFound, Rejected
+from store.sessions import create_session, get_session, require_session, update_session
+from store.stamps import new_run_id, now_ts
+
+log = logging.getLogger("coordinator.runs")
+
+RUN_NOT_FOUND = "Run not found"
+PROPERTIES = ("hostname", "project_dir", "executor_type")
+# §6.3: a claim or start older than this is taken as lost when the coordinator restarts.
+RECOVERY_AGE_SECONDS = 300
+
+_decode = msgspec.json.decode
+_encode = msgspec.json.encode
+
+
+# -- demands ------------------------------------------------------------------------------
+
+
+def merge_demands(blueprint: dict[str, Any] | None, additional: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Each property is the blueprint's if truthy, else the additional one; tags are the union.
+    None when nothing is demanded. Only set properties are kept; `tags` is always there."""
+    blueprint, additional = blueprint or {}, additional or {}
+    merged = {key: blueprint.get(key) or additional.get(key) for key in PROPERTIES}
+    merged = {key: value for key, value in merged.items() if value is not None}
+    tags = list(dict.fromkeys([*(blueprint.get("tags") or ()), *(additional.get("tags") or ())]))
+    if not merged and not tags:
+        return None
+    return {**merged, "tags": tags}
+
+
+def demands_met(demands: dict[str, Any] | None, runner: Runner) -> bool:
+    """Truthy properties must equal the runner's; demanded tags must all be the runner's."""
+    if not demands:
+        return True
+    if any(demands.get(key) and demands[key] != getattr(runner, key) for key in PROPERTIES):
+        return False
+    return set(demands.get("tags") or ()) <= set(runner.tags)
+
+
+# -- rows ---------------------------------------------------------------------------------
+
+
+def _run(row: tuple) -> Run:
+    run = Run(*row)
+    if run.demands is not None:
+        run.demands = _decode(run.demands)
+    return run
+
+
+def insert_run(conn: apsw.Connection, run: Run) -> Run:
+    values = [getattr(run, field) for field in Run.__struct_fields__]
+    values[Run.__struct_fields__.index("demands")] = None if run.demands is None else _encode(run.demands).decode()
+    conn.execute(f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * len(values))})", values)
+    return run
+
+
+def new_run(session_id: str, type_: str, prompt: str, **fields: Any) -> Run:
+    """A fresh `pending` run; `fields` sets the optional columns."""
+    defaults = dict.fromkeys(Run.__struct_fields__) | {"execution_mode": "sync"}
+    return Run(**defaults | fields | {
+        "run_id": new_run_id(),
+        "type": type_,
+        "session_id": session_id,
+        "prompt": prompt,
+        "status": "pending",
+        "created_at": now_ts(),
+    })
+
+
+def get_run(conn: apsw.Connection, run_id: str) -> Run | None:
+    row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    return _run(row) if row else None
+
+
+def require_run(conn: apsw.Connection, run_id: str) -> Run:
+    run = get_run(conn, run_id)
+    if run is None:
+        raise NotFound(RUN_NOT_FOUND)
+    return run
+
+
+def list_runs(conn: apsw.Connection, status: str | None = None) -> list[Run]:
+    """Every run (terminal ones too), oldest first; optionally only one status."""
+    where = "WHERE status = ?" if status is not None else ""
+    sql = f"SELECT {RUN_COLUMNS} FROM runs {where} ORDER BY created_at, run_id"
+    return [_run(row) for row in conn.execute(sql, (status,) if status is not None else ())]
+
+
+def create_run(
+    conn: apsw.Connection,
+    run: Run,
+    *,
+    no_match_timeout: float,
+) -> tuple[Run, Session | None]:
+    """Queue a run with its demands in one go, so no runner can claim it unconstrained.
+
+    A start run creates its `pending` session first (returned, to be announced); a resume run
+    needs an existing session and takes its agent and project unless the request named them.
+    """
+    session = None
+    if run.type == "start_session":
+        session = create_session(
+            conn,
+            run.session_id,
+            project_dir=run.project_dir,
+            agent_name=run.agent_name,
+            parent_session_id=run.parent_session_id,
+            execution_mode=run.execution_mode,
+            duplicate_detail=f"Session '{run.session_id}' already exists",
+        )
+    else:
+        existing = require_session(conn, run.session_id)
+        run.agent_name = run.agent_name or existing.agent_name
+        run.project_dir = run.project_dir or existing.project_dir
+    if run.demands is not None:
+        run.timeout_at = now_ts(no_match_timeout)
+    return insert_run(conn, run), session
+
+
+# -- claiming -----------------------------------------------------------------------------
+
+
+def claim_run(conn: apsw.Connection, runner: Runner) -> Run | None:
+    """Claim the oldest pending run whose demands the runner meets (others are skipped, so
+    an unmatched run never blocks the queue). The UPDATE is conditional on `pending`."""
+    pending = conn.execute("SELECT run_id, demands FROM runs WHERE status = 'pending' ORDER BY created_at, run_id")
+    for run_id, demands in list(pending):
+        if not demands_met(None if demands is None else _decode(demands), runner):
+            continue
+        row = conn.execute(
+            f"UPDATE runs SET status = 'claimed', runner_id = ?, claimed_at = ?"
+            f" WHERE run_id = ? AND status = 'pending' RETURNING {RUN_COLUMNS}",
+            (runner.runner_id, now_ts(), run_id),
+        ).fetchone()
+        if row:
+            return _run(row)
+    return None
+
+
+def unclaim_run(conn: apsw.Connection, run_id: str, runner_id: str) -> bool:
+    """Give back a claim whose runner never got the answer; True if the run is pending again."""
+    conn.execute(
+        "UPDATE runs SET status = 'pending', runner_id = NULL, claimed_at = NULL"
+        " WHERE run_id = ? AND runner_id = ? AND status = 'claimed'",
+        (run_id, runner_id),
+    )
+    return conn.changes() > 0
+
+
+# -- stop commands ------------------------------------------------------------------------
+
+
+def queue_stops(conn: apsw.Connection, runner_id: str, run_ids: list[str]) -> bool:
+    """Queue stop commands for a runner (duplicates collapse); False if it is not registered."""
+    if conn.execute("SELECT 1 FROM runners WHERE runner_id = ?", (runner_id,)).fetchone() is None:
+        return False
+    conn.executemany(
+        "INSERT OR IGNORE INTO runner_stops (runner_id, run_id) VALUES (?, ?)",
+        [(runner_id, run_id) for run_id in run_ids],
+    )
+    return True
+
+
+def take_stops(conn: apsw.Connection, runner_id: str) -> list[str]:
+    """The runner's queued stop commands, oldest first; the queue is emptied."""
+    rows = conn.execute(
+        "DELETE FROM runner_stops WHERE runner_id = ? RETURNING run_id, rowid", (runner_id,)
+    ).fetchall()
+    return [run_id for run_id, _ in sorted(rows, key=lambda row: row[1])]
+
+
+# -- stopping -----------------------------------------------------------------------------
+
+
+class Stopped(NamedTuple):
+    """What a stop request did: the reply, the session to announce, the runner to wake."""
+
+    reply: dict[str, Any]
+    session: Session | None = None
+    runner_id: str | None = None
+
+
+def set_session_status(conn: apsw.Connection, session_id: str, status: str) -> Session | None:
+    return update_session(conn, session_id, status=status) if get_session(conn, session_id) else None
+
+
+def finish_run(conn: apsw.Connection, run_id: str, status: str, error: str | None = None) -> None:
+    conn.execute(
+        "UPDATE runs SET status = ?, error = coalesce(?, error), completed_at = ? WHERE run_id = ?",
+        (status, error, now_ts(), run_id),
+    )
+
+
+def _stop(conn: apsw.Connection, run: Run) -> Stopped:
+    reply = {"ok": True, "run_id": run.run_id, "session_id": run.session_id}
+    if run.status == "pending":
+        finish_run(conn, run.run_id, "stopped")
+        reply |= {"status": "stopped", "message": "Run cancelled before execution"}
+        return Stopped(reply, set_session_status(conn, run.session_id, "stopped"))
+    if run.status not in ("claimed", "running"):
+        raise Rejected(f"Run cannot be stopped (status: {run.status})")
+    if not run.runner_id:
+        raise Rejected("Run not claimed by any runner")
+    if not queue_stops(conn, run.runner_id, [run.run_id]):
+        # Its runner is gone: nobody can stop it any more, so it is over.
+        finish_run(conn, run.run_id, "stopped")
+        reply |= {"status": "stopped", "message": "Runner no longer registered - run marked as stopped"}
+        return Stopped(reply, set_session_status(conn, run.session_id, "stopped"))
+    conn.execute("UPDATE runs SET status = 'stopping' WHERE run_id = ?", (run.run_id,))
+    reply["status"] = "stopping"
+    return Stopped(reply, set_session_status(conn, run.session_id, "stopping"), run.runner_id)
+
+
+def stop_run(conn: apsw.Connection, run_id: str) -> Stopped:
+    """POST /runs/{id}/stop: cancel a pending run, or ask its runner to stop a claimed or
+    running one (the run and session become `stopping`)."""
+    return _stop(conn, require_run(conn, run_id))
+
+
+def stop_session(conn: apsw.Connection, session_id: str) -> Stopped:
+    """POST /sessions/{id}/stop: stop the session's newest active run, or settle the session."""
+    session = require_session(conn, session_id)
+    reply: dict[str, Any] = {"ok": True, "session_id": session_id}
+    if session.status == "stopping":
+        return Stopped(reply | {"status": "stopping", "message": "Session is already being stopped"})
+    if session.status in ("stopped", "finished"):
+        return Stopped(reply | {"status": session.status, "message": f"Session already {session.status}"})
+    row = conn.execute(
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE session_id = ?"
+        " AND status IN ('pending', 'claimed', 'running', 'stopping')"
+        " ORDER BY created_at DESC, run_id DESC LIMIT 1",
+        (session_id,),
+    ).fetchone()
+    if row is None:
+        reply |= {"status": "stopped", "message": "No active run found - session marked as stopped"}
+    elif (run := _run(row)).status == "stopping":
+        reply |= {"run_id": run.run_id, "status": "stopped",
+                  "message": "Run already in stopping state - session marked as stopped"}
+    else:
+        return _stop(conn, run)
+    # Nothing left to stop: the session (pending or running) is over.
+    return Stopped(reply, update_session(conn, session_id, status="stopped"))
+
+
+# -- background checks and recovery -------------------------------------------------------
+
+
+def fail_timed_out_runs(conn: apsw.Connection) -> list[Run]:
+    """Pending runs whose demands no runner met before `timeout_at` fail."""
+    rows = conn.execute(
+        f"UPDATE runs SET status = 'failed', error = 'No matching runner available within timeout',"
+        f" completed_at = ?1 WHERE status = 'pending' AND timeout_at < ?1 RETURNING {RUN_COLUMNS}",
+        (now_ts(),),
+    ).fetchall()
+    return [_run(row) for row in rows]
+
+
+def recover_runs(conn: apsw.Connection, mode: str) -> dict[str, int]:
+    """Settle the runs a previous process left in flight (§6.3), per RUN_RECOVERY_MODE.
+
+    `stopping` runs get their stop command queued again in every mode, for runners that are
+    still registered: the user asked for the stop, and the runner may never have received it.
+    """
+    conn.execute(
+        "INSERT OR IGNORE INTO runner_stops (runner_id, run_id) SELECT runner_id, run_id FROM runs"
+        " WHERE status = 'stopping' AND runner_id IN (SELECT runner_id FROM runners)"
+    )
+    counts = {"stops_requeued": conn.changes(), "requeued": 0, "failed": 0, "stopped": 0}
+    if mode == "none":
+        return counts
+
+    def older(column: str) -> str:
+        return "" if mode == "all" else f" AND ({column} IS NULL OR {column} < :cutoff)"
+
+    params = {"now": now_ts(), "cutoff": now_ts(-RECOVERY_AGE_SECONDS)}
+    error = "Coordinator restarted - execution state unknown" if mode == "all" else "Coordinator restarted during execution"
+    conn.execute(
+        "UPDATE runs SET status = 'pending', runner_id = NULL, claimed_at = NULL"
+        " WHERE status = 'claimed'" + older("claimed_at"),
+        params,
+    )
+    counts["requeued"] = conn.changes()
+    conn.execute(
+        "UPDATE runs SET status = 'failed', error = :error, completed_at = :now"
+        " WHERE status = 'running'" + older("started_at"),
+        params | {"error": error},
+    )
+    counts["failed"] = conn.changes()
+    conn.execute("UPDATE runs SET status = 'stopped', completed_at = :now WHERE status = 'stopping'", params)
+    counts["stopped"] = conn.changes()
+    return counts
