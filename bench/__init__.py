@@ -1,0 +1,1 @@
+"""The benchmark: the coordinator against a bare Starlette app of the same routes."""

@@ -1,0 +1,192 @@
+"""Benchmark plumbing: start a server process pinned to one CPU, a keep-alive HTTP load
+generator on asyncio streams, WebSocket subscribers, and percentile helpers.
+
+Everything talks to 127.0.0.1 only and stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CPUS = sorted(os.sched_getaffinity(0))
+SERVER_CPU = CPUS[0]
+LOAD_CPU = CPUS[-1]  # the same CPU when there is only one
+
+
+def pin_to(cpu: int) -> None:
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {cpu})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def current_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@dataclass
+class Server:
+    """A server process: the coordinator (`limit=False`) or the bare limit app."""
+
+    limit: bool = False
+    env: dict = field(default_factory=dict)
+    project_dir: Path | None = None
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        self.port = free_port()
+        self.project_dir = self.project_dir or Path(tempfile.mkdtemp(prefix="bench-"))
+        app = "bench.limit_app:app" if self.limit else "coordinator:create_app"
+        code = (
+            "import sys, uvicorn; sys.path[:0] = [sys.argv[1]];"
+            "from bench.harness import pin_to; pin_to(int(sys.argv[2]));"
+            f"uvicorn.run({app!r}, factory={not self.limit}, host='127.0.0.1', port=int(sys.argv[3]),"
+            " log_level='warning', ws='websockets-sansio')"
+        )
+        env = {**os.environ, "AGENT_ORCHESTRATOR_PROJECT_DIR": str(self.project_dir), **self.env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(ROOT), str(SERVER_CPU), str(self.port)], env=env, cwd=ROOT
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("server did not start")
+                time.sleep(0.05)
+
+    @property
+    def name(self) -> str:
+        return "limit app" if self.limit else "coordinator"
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# -- HTTP load --------------------------------------------------------------------------
+
+
+def request_bytes(method: str, path: str, body: bytes | None = None) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + (body or b"")
+
+
+async def _exchange(reader, writer, raw: bytes) -> tuple[int, bytes]:
+    writer.write(raw)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    body = await reader.readexactly(length) if length else b""
+    return status, body
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    seconds: float
+    latencies_ms: list[float]
+    errors: int
+    cpu_share: float  # load generator CPU time / wall time (1.0 = one core saturated)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+async def _load(port: int, make_request, concurrency: int, seconds: float) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(index: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        n = 0
+        try:
+            while time.perf_counter() < stop_at:
+                raw = make_request(index, n)
+                n += 1
+                t0 = time.perf_counter()
+                status, _ = await _exchange(reader, writer, raw)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if status >= 400:
+                    errors += 1
+        finally:
+            writer.close()
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return LoadResult(len(latencies), wall, latencies, errors, (time.process_time() - cpu0) / wall)
+
+
+def http_load(port: int, make_request, concurrency: int = 16, seconds: float = 3.0) -> LoadResult:
+    """Closed-loop load: `concurrency` keep-alive connections, each sending
+    `make_request(worker_index, n)` (raw request bytes) back to back for `seconds`."""
+    return asyncio.run(_load(port, make_request, concurrency, seconds))
+
+
+def fetch(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    async def one():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await _exchange(reader, writer, request_bytes(method, path, body))
+        finally:
+            writer.close()
+
+    return asyncio.run(one())
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
