@@ -3,7 +3,7 @@
 Layout of `{agents_dir}/{name}/`: `agent.json` (required: name, description, skills?, tags?,
 demands?), `agent.system-prompt.md` (raw text), `agent.mcp.json` (`{"mcpServers": {...}}`) and
 `.disabled` (present = inactive). Nothing is cached: every call reads the disk, so hand edits
-show on the next request. Every function here does blocking file I/O: call it from a worker thread.
+show on the next request. The verbs do blocking file I/O: call them from a worker thread.
 """
 
 from __future__ import annotations
@@ -347,12 +347,14 @@ def update_agent(agents_dir: Path, name: str, body: UpdateAgent) -> Agent:
                 data.pop("demands", None)
             else:
                 data["demands"] = body.demands
-        _write_atomic(agent_dir / AGENT_FILE, _json_bytes(data))
+        # Everything is encoded before the first write, so a bad value changes nothing.
+        writes = {AGENT_FILE: _json_bytes(data)}
         if body.system_prompt is not None:
-            _write_or_remove(agent_dir / PROMPT_FILE, body.system_prompt.encode())
+            writes[PROMPT_FILE] = body.system_prompt.encode()
         if body.mcp_servers is not None:
-            mcp = _json_bytes({"mcpServers": body.mcp_servers}) if body.mcp_servers else b""
-            _write_or_remove(agent_dir / MCP_FILE, mcp)
+            writes[MCP_FILE] = _json_bytes({"mcpServers": body.mcp_servers}) if body.mcp_servers else b""
+        for filename, content in writes.items():
+            _write_or_remove(agent_dir / filename, content)
         return require_agent(agents_dir, name)
 
 
