@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import logging.config
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ from starlette.middleware.cors import CORSMiddleware
 
 from broadcast import Broadcaster
 from dispatch import Dispatcher
+from logs import RequestLog, logging_config
 from routes import agents, errors, health, live, runner, runs, sessions
+from store import retention
 from store.db import Database
 from store.events import newest_event_id
 
@@ -58,6 +61,20 @@ def _port(raw: str) -> int:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError("must be zero or a positive number")
+    return value
+
+
+def _log_format(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value
+
+
 def _recovery_mode(raw: str) -> str:
     # Unknown values act as the default, like the reference.
     return raw if raw in ("stale", "all", "none") else "stale"
@@ -72,6 +89,7 @@ class Settings:
     project_dir: Path = field(default_factory=Path.cwd)
     agents_dir_override: Path | None = None
     debug_logging: bool = False
+    log_format: str = "text"
     cors_origins: tuple[str, ...] = ("*",)
     run_recovery_mode: str = "stale"
     runner_poll_timeout: float = 30.0
@@ -87,6 +105,8 @@ class Settings:
     max_subscribers: int = 1000
     sse_heartbeat_interval: float = 30.0
     max_body_bytes: int = 1024 * 1024
+    retention_days: float = 0.0  # 0: keep forever
+    retention_interval: float = 3600.0
 
     @property
     def data_dir(self) -> Path:
@@ -121,6 +141,7 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("AGENT_ORCHESTRATOR_PROJECT_DIR", "project_dir", Path),
     ("AGENT_ORCHESTRATOR_AGENTS_DIR", "agents_dir_override", Path),
     ("DEBUG_LOGGING", "debug_logging", _flag),
+    ("LOG_FORMAT", "log_format", _log_format),
     ("CORS_ORIGINS", "cors_origins", lambda raw: tuple(raw.split(","))),
     ("RUN_RECOVERY_MODE", "run_recovery_mode", _recovery_mode),
     ("RUNNER_POLL_TIMEOUT", "runner_poll_timeout", _positive_float),
@@ -136,6 +157,8 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("MAX_SUBSCRIBERS", "max_subscribers", _positive_int),
     ("SSE_HEARTBEAT_INTERVAL", "sse_heartbeat_interval", _positive_float),
     ("MAX_BODY_BYTES", "max_body_bytes", _positive_int),
+    ("RETENTION_DAYS", "retention_days", _non_negative_float),
+    ("RETENTION_INTERVAL", "retention_interval", _positive_float),
 ]
 
 
@@ -156,6 +179,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await dispatcher.recover()
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(broadcaster.run)
+                if settings.retention_days:
+                    tasks.start_soon(
+                        retention.run_periodically,
+                        db,
+                        settings.retention_days,
+                        settings.retention_interval,
+                        lambda session_id: broadcaster.publish("session_deleted", {"session_id": session_id}, session_id),
+                    )
                 tasks.start_soon(dispatcher.run)
                 yield
                 tasks.cancel_scope.cancel()
@@ -172,6 +203,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *live.routes,
         ],
         middleware=[
+            Middleware(RequestLog),
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
@@ -184,13 +216,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
 
 
-def _configure_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="agent-coordinator", description=__doc__.splitlines()[0])
     parser.add_argument("--host", help="bind address (default: COORDINATOR_HOST or 0.0.0.0)")
@@ -200,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
     except SettingsError as exc:
         sys.exit(f"agent-coordinator: invalid configuration: {exc}")
-    _configure_logging(settings.debug_logging)
+    log_config = logging_config(settings.log_format == "json", settings.debug_logging)
+    logging.config.dictConfig(log_config)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     import uvicorn
@@ -210,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host or settings.host,
         port=settings.port if args.port is None else args.port,
         ws="websockets-sansio",
+        log_config=log_config,
         log_level="debug" if settings.debug_logging else "info",
+        access_log=False,  # RequestLog writes the request lines, without query strings
         timeout_graceful_shutdown=10,
     )
 

@@ -1,0 +1,125 @@
+"""Logging: the configuration shared with uvicorn (text or one JSON object per line) and the
+middleware that reports every request once it is answered.
+
+Request lines carry method, path, status and duration only: never the query string (it may
+carry `api_key`), headers or bodies (event contents stay out of the logs).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import time
+from typing import Any, Callable, Iterable
+
+access_log = logging.getLogger("coordinator.access")
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+Observer = Callable[[dict, int, float], None]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, the record's `fields` (if
+    any), and the formatted exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line, default=str)
+
+
+class _NoWebSocketHandshakes(logging.Filter):
+    """uvicorn logs each WebSocket handshake with its query string (which may hold `api_key`);
+    the request line of `RequestLog` reports it instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "uvicorn.error" and '"WebSocket %s"' in str(record.msg))
+
+
+def logging_config(json_lines: bool, debug: bool) -> dict[str, Any]:
+    """A `logging.config.dictConfig` for our loggers and uvicorn's alike: everything goes to
+    stderr through one handler, as text or as JSON lines."""
+    formatter = {"()": JsonFormatter} if json_lines else {"format": TEXT_FORMAT}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": formatter},
+        "filters": {"no_ws_handshakes": {"()": _NoWebSocketHandshakes}},
+        "handlers": {
+            "default": {
+                "class": "logging.StreamHandler",
+                "formatter": "default",
+                "filters": ["no_ws_handshakes"],
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["default"], "level": "DEBUG" if debug else "INFO"},
+        # uvicorn's loggers lose their own handlers and propagate to ours.
+        "loggers": {
+            name: {"handlers": [], "propagate": True} for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }
+
+
+def log_request(scope: dict, status: int, seconds: float) -> None:
+    method = "WS" if scope["type"] == "websocket" else scope["method"]
+    duration_ms = round(seconds * 1000, 3)
+    access_log.info(
+        "%s %s %d %.1fms",
+        method,
+        scope["path"],
+        status,
+        duration_ms,
+        extra={"fields": {"method": method, "path": scope["path"], "status": status, "duration_ms": duration_ms}},
+    )
+
+
+class RequestLog:
+    """Pure ASGI middleware: once a request is answered (or a WebSocket closed), call every
+    observer with (scope, status, seconds). The status of a WebSocket is 101 once accepted;
+    500 stands for an exception before any response."""
+
+    def __init__(self, app, observers: Iterable[Observer] = (log_request,)):
+        self.app = app
+        self.observers = tuple(observers)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        status = 0
+        started = time.perf_counter()
+
+        async def send_and_note(message) -> None:
+            nonlocal status
+            kind = message["type"]
+            if kind in ("http.response.start", "websocket.http.response.start"):
+                status = message["status"]
+            elif kind == "websocket.accept":
+                status = 101
+            elif kind == "websocket.close" and not status:
+                status = 403  # closed before accepting: uvicorn answers the handshake with 403
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            status = status or 500
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            for observe in self.observers:
+                observe(scope, status, seconds)

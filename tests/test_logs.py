@@ -1,0 +1,115 @@
+"""Logs: one line per request, JSON lines for every logger with LOG_FORMAT=json, no secrets."""
+
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+from websockets.sync.client import connect
+
+from test_sessions import event
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "s3cr3t-token-value"
+CONTENT = "private words of the agent"
+
+
+class Lines:
+    """The merged output of a process, line by line, read on a thread so waits have deadlines."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.items: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True).start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self.items.put(line.rstrip("\n"))
+        self.items.put(None)
+
+    def next(self, deadline: float) -> str | None:
+        line = self.items.get(timeout=max(0.0, deadline - time.monotonic()))
+        if line is not None:
+            self.seen.append(line)
+        return line
+
+    def wait_for(self, pattern: str, seconds: float = 20.0) -> re.Match:
+        deadline = time.monotonic() + seconds
+        while (line := self.next(deadline)) is not None:
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"{pattern!r} never logged:\n" + "\n".join(self.seen))
+
+    def rest(self, seconds: float = 20.0) -> list[str]:
+        deadline = time.monotonic() + seconds
+        while self.next(deadline) is not None:
+            pass
+        return self.seen
+
+
+def test_json_lines_one_per_request_without_secrets(tmp_path):
+    env = {**os.environ, "LOG_FORMAT": "json", "AGENT_ORCHESTRATOR_PROJECT_DIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "--host", "127.0.0.1", "--port", "0"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        lines = Lines(proc)
+        url = lines.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)").group(1)
+        assert requests.get(url + "/health", timeout=10).status_code == 200
+        assert requests.get(url + f"/sessions?limit=5&api_key={SECRET}", timeout=10).status_code == 200
+        assert requests.post(url + "/sessions", json={"session_id": "s"}, timeout=10).status_code == 200
+        sent = event("s", "message", role="assistant", content=[{"type": "text", "text": CONTENT}])
+        assert requests.post(url + "/sessions/s/events", json=sent, timeout=10).status_code == 200
+        assert requests.get(url + "/nowhere", timeout=10).status_code == 404
+        with connect(url.replace("http", "ws") + f"/ws?api_key={SECRET}") as ws:
+            ws.recv(timeout=10)
+        lines.wait_for(r'"path": "/ws"')
+        proc.send_signal(signal.SIGTERM)
+        output = lines.rest()
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+    records = [json.loads(line) for line in output if line]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert any(r["logger"].startswith("uvicorn") for r in records)  # uvicorn's lines too
+    access = [
+        (r["method"], r["path"], r["status"])
+        for r in records
+        if r["logger"] == "coordinator.access"
+    ]
+    assert access == [
+        ("GET", "/health", 200),
+        ("GET", "/sessions", 200),
+        ("POST", "/sessions", 200),
+        ("POST", "/sessions/s/events", 200),
+        ("GET", "/nowhere", 404),
+        ("WS", "/ws", 101),
+    ]
+    durations = [r["duration_ms"] for r in records if r["logger"] == "coordinator.access"]
+    assert all(isinstance(d, float) and d >= 0 for d in durations)
+    text = "\n".join(output)
+    assert SECRET not in text and "api_key" not in text and CONTENT not in text
+
+
+def test_request_lines_in_text_format(server, caplog):
+    with caplog.at_level(logging.INFO, logger="coordinator.access"):
+        server.get("/sessions/missing?api_key=" + SECRET)
+        deadline = time.monotonic() + 10
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.01)
+    (record,) = caplog.records
+    assert record.getMessage().startswith("GET /sessions/missing 404 ")
+    assert record.getMessage().endswith("ms")
+    assert SECRET not in record.getMessage()
