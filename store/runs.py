@@ -288,7 +288,7 @@ def recover_runs(conn: apsw.Connection, mode: str) -> dict[str, int]:
         return "" if mode == "all" else f" AND ({column} IS NULL OR {column} < :cutoff)"
 
     params = {"now": now_ts(), "cutoff": now_ts(-RECOVERY_AGE_SECONDS)}
-    error = "Coordinator restarted - execution state unknown" if mode == "all" else "Coordinator restarted during execution"
+    error = {"all": "Coordinator restarted - execution state unknown"}.get(mode, "Coordinator restarted during execution")
     conn.execute(
         "UPDATE runs SET status = 'pending', runner_id = NULL, claimed_at = NULL"
         " WHERE status = 'claimed'" + older("claimed_at"),

@@ -1,5 +1,6 @@
 """A scripted runner speaking the runner protocol over HTTP the way the real runner does, plus
-the executor calls a run makes (bind, events, session_stop)."""
+the executor calls a run makes (bind, events, session_stop), and small helpers for tests that
+drive runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import time
 from datetime import datetime, timezone
 
 import requests
+
+RUN_KEYS = ["run_id", "type", "session_id", "agent_name", "prompt", "project_dir", "parent_session_id",
+            "execution_mode", "demands", "status", "runner_id", "error", "created_at", "claimed_at",
+            "started_at", "completed_at", "timeout_at"]
 
 # The real runner waits POLL_TIMEOUT (30 s) + 5 s for a poll answer.
 CLIENT_POLL_TIMEOUT = 35
@@ -69,3 +74,26 @@ class ScriptedRunner:
             event = {"session_id": session_id, "timestamp": stamp(), **event}
             assert self.http.post(session_url + "/events", json=event, timeout=10).status_code == 200
         assert self.report(run["run_id"], "completed", status="success").status_code == 200
+
+
+def wait_for(condition, timeout: float = 10, what: str = "condition"):
+    """Re-check `condition` until it is truthy (returned) or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_run(server, **body) -> dict:
+    response = server.post("/runs", {"type": "start_session", "prompt": "go", **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def registered(server, **identity) -> ScriptedRunner:
+    runner = ScriptedRunner(server.url, **identity)
+    assert runner.register().status_code == 200
+    return runner

@@ -10,24 +10,10 @@ import pytest
 import requests
 from websockets.sync.client import connect
 
-from runner_client import ScriptedRunner
+from runner_client import RUN_KEYS, ScriptedRunner, registered, start_run, wait_for
 
-RUN_KEYS = ["run_id", "type", "session_id", "agent_name", "prompt", "project_dir", "parent_session_id",
-            "execution_mode", "demands", "status", "runner_id", "error", "created_at", "claimed_at",
-            "started_at", "completed_at", "timeout_at"]
 RUNNER_KEYS = ["runner_id", "registered_at", "last_heartbeat", "hostname", "project_dir", "executor_type",
                "tags", "status", "seconds_since_heartbeat"]
-
-
-def wait_for(condition, timeout: float = 10, what: str = "condition"):
-    """Re-check `condition` until it is truthy (returned) or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_until_polling(server, runner: ScriptedRunner) -> None:
@@ -52,18 +38,6 @@ class PollInThread:
         self._thread.join(timeout=40)
         assert self.response is not None
         return self.response, self.elapsed
-
-
-def start_run(server, **body) -> dict:
-    response = server.post("/runs", {"type": "start_session", "prompt": "go", **body})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def registered(server, **identity) -> ScriptedRunner:
-    runner = ScriptedRunner(server.url, **identity)
-    assert runner.register().status_code == 200
-    return runner
 
 
 def test_a_run_from_queue_to_result(server):
@@ -246,7 +220,8 @@ def test_claims_follow_demands_without_blocking_the_queue(make_server):
     stored = server.get(f"/runs/{impossible['run_id']}").json()
     assert stored["status"] == "pending"
     assert stored["demands"] == {"hostname": "h1", "tags": ["gpu", "cuda"]}
-    assert server.get(f"/runs/{wants_h2['run_id']}").json()["demands"] == {"hostname": "h2", "project_dir": "", "tags": []}
+    stored = server.get(f"/runs/{wants_h2['run_id']}").json()
+    assert stored["demands"] == {"hostname": "h2", "project_dir": "", "tags": []}
 
 
 def test_unmatched_run_fails_after_the_no_match_timeout(make_server):
