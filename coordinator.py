@@ -1,7 +1,8 @@
 """Agent Coordinator: settings, the app factory, its lifespan, and the command line.
 
 `python -m coordinator [--host H] [--port P]` serves the API; every setting comes from the
-environment once, at start-up (see README, "Configuration").
+environment once, at start-up (see README, "Configuration"). `python -m coordinator backup PATH`
+writes a consistent copy of the database, also while the server runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import anyio
+import apsw
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -25,7 +27,7 @@ from broadcast import Broadcaster
 from dispatch import Dispatcher
 from logs import RequestLog, logging_config
 from routes import agents, errors, health, live, runner, runs, sessions
-from store import retention
+from store import backup, retention
 from store.db import Database
 from store.events import newest_event_id
 
@@ -216,15 +218,31 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
 
 
+def _backup(source: Path, target: Path) -> None:
+    try:
+        pages = backup.backup(source, target)
+    except (OSError, apsw.Error) as exc:
+        sys.exit(f"agent-coordinator: backup failed: {exc}")
+    print(f"backed up {source} to {target} ({pages} pages)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="agent-coordinator", description=__doc__.splitlines()[0])
     parser.add_argument("--host", help="bind address (default: COORDINATOR_HOST or 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port (default: COORDINATOR_PORT or 8765)")
+    commands = parser.add_subparsers(dest="command", title="commands (default: serve)")
+    backup_command = commands.add_parser(
+        "backup", help="write a consistent copy of the database; safe while the server runs"
+    )
+    backup_command.add_argument("path", type=Path, help="file to write the copy to (replaced if it exists)")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
         sys.exit(f"agent-coordinator: invalid configuration: {exc}")
+    if args.command == "backup":
+        _backup(settings.db_path, args.path)
+        return
     log_config = logging_config(settings.log_format == "json", settings.debug_logging)
     logging.config.dictConfig(log_config)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
