@@ -67,6 +67,22 @@ class EventRow(msgspec.Struct):
 EVENT_COLUMNS = ", ".join(EventRow.__struct_fields__)
 
 
+class StoredEvent(msgspec.Struct):
+    """A stored event as broadcast (the `Event` keys, no `id`), JSON columns spliced verbatim."""
+
+    event_type: str
+    session_id: str
+    timestamp: str
+    tool_name: str | None
+    tool_input: msgspec.Raw | None
+    tool_output: msgspec.Raw | None
+    error: str | None
+    exit_code: int | None
+    reason: str | None
+    role: str | None
+    content: msgspec.Raw | None
+
+
 class CreateSession(msgspec.Struct):
     session_id: str
     project_dir: str | None = None

@@ -26,7 +26,7 @@ class ValidationFailed(Exception):
         return cls([{"type": type_, "loc": loc, "msg": msg}])
 
 
-_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
@@ -37,7 +37,7 @@ def from_msgspec(exc: msgspec.ValidationError | msgspec.DecodeError) -> Validati
         text, _, path = message.partition(" - at `")
         loc: list = ["body"]
         for name, index in _PATH_PART.findall(path.rstrip("`").removeprefix("$")):
-            loc.append(int(index) if index else name)
+            loc.append(int(index) if index.isdigit() else index or name)  # `[...]`: a dict value
         missing = _MISSING.search(text)
         if missing:
             loc.append(missing.group(1))

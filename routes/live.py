@@ -48,7 +48,7 @@ async def _replay(request, since: int, session_id: str | None) -> AsyncIterator[
         yield encode("replay_gap", {"since": since, "earliest": earliest}, session_id, since)
     while page:
         for event_id, data in page:
-            yield encode_json("event", b'{"data":%s}' % data.encode(), session_id, event_id)
+            yield encode_json("event", b'{"data":%s}' % data, session_id, event_id)
         after = page[-1][0]
         page = await db.read(events.replay_page, after, session_id, REPLAY_PAGE) if len(page) == REPLAY_PAGE else []
 

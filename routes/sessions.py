@@ -135,7 +135,7 @@ async def _events_page(request: Request, known_session: bool) -> Response:
     body = await request.app.state.db.read(
         events.list_events_json, request.path_params["session_id"], after, limit, known_session
     )
-    return Response(b'{"events":%s}' % body.encode(), media_type="application/json")
+    return Response(b'{"events":%s}' % body, media_type="application/json")
 
 
 async def list_events(request: Request):

@@ -1,30 +1,22 @@
 """Event verbs. JSON fields are stored as JSON text exactly as sent (falsy values included)
-and listed by SQLite itself as one JSON array, so reads never decode and re-encode them."""
+and spliced into answers as they are (msgspec.Raw), so reads never decode and re-encode them."""
 
 from __future__ import annotations
 
 import apsw
 import msgspec
 
-from models import Event, Session
+from models import EVENT_COLUMNS, Event, EventRow, Session, StoredEvent
 from store.errors import NotFound, Rejected
 from store.sessions import SESSION_NOT_FOUND, get_session, update_session
 
 _encode = msgspec.json.encode
+STORED_COLUMNS = ", ".join(StoredEvent.__struct_fields__)
 
 _INSERT = (
     "INSERT INTO events (session_id, event_type, timestamp, tool_name, tool_input, tool_output,"
     " error, exit_code, reason, role, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-
-# One event as a JSON object, keys in wire order; json() embeds stored JSON text as JSON.
-_EVENT_JSON = (
-    "json_object('id', id, 'session_id', session_id, 'event_type', event_type,"
-    " 'timestamp', timestamp, 'tool_name', tool_name, 'tool_input', json(tool_input),"
-    " 'tool_output', json(tool_output), 'error', error, 'exit_code', exit_code,"
-    " 'reason', reason, 'role', role, 'content', json(content))"
-)
-
 
 def _json_or_null(value) -> str | None:
     return None if value is None else _encode(value).decode()
@@ -77,48 +69,49 @@ def append_legacy_event(conn: apsw.Connection, event: Event) -> int:
     return _insert(conn, event)
 
 
+def _raw(text: str | None) -> msgspec.Raw | None:
+    return None if text is None else msgspec.Raw(text.encode())
+
+
+def _json_columns_raw(row: tuple) -> tuple:
+    """A row of `id` and the event columns (EventRow or StoredEvent order: both have the JSON
+    columns at 5, 6 and 11) with its JSON text wrapped to be spliced verbatim."""
+    return (*row[:5], _raw(row[5]), _raw(row[6]), *row[7:11], _raw(row[11]))
+
+
 def list_events_json(
     conn: apsw.Connection,
     session_id: str,
     after: int | None = None,
     limit: int | None = None,
     require_session: bool = False,
-) -> str:
+) -> bytes:
     """A session's events as a JSON array: all of them by (timestamp, id), or, when paging,
     those with id > `after`, ascending by id, at most `limit`. NotFound for an unknown
     session if `require_session`."""
     if require_session and get_session(conn, session_id) is None:
         raise NotFound(SESSION_NOT_FOUND)
     if after is None and limit is None:
-        sql = f"SELECT json_group_array({_EVENT_JSON} ORDER BY timestamp, id) FROM events WHERE session_id = ?"
-        return conn.execute(sql, (session_id,)).fetchone()[0]
-    sql = (
-        f"SELECT json_group_array(json(e) ORDER BY id) FROM"
-        f" (SELECT id, {_EVENT_JSON} AS e FROM events WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?)"
-    )
-    return conn.execute(sql, (session_id, after or 0, -1 if limit is None else limit)).fetchone()[0]
+        sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? ORDER BY timestamp, id"
+        rows = conn.execute(sql, (session_id,))
+    else:
+        sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?"
+        rows = conn.execute(sql, (session_id, after or 0, -1 if limit is None else limit))
+    return _encode([EventRow(*_json_columns_raw(row)) for row in rows])
 
 
 def newest_event_id(conn: apsw.Connection) -> int:
     return conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
 
 
-# An event as broadcast (`Event` order, no id), for replaying to live subscribers.
-_EVENT_DATA_JSON = (
-    "json_object('event_type', event_type, 'session_id', session_id, 'timestamp', timestamp,"
-    " 'tool_name', tool_name, 'tool_input', json(tool_input), 'tool_output', json(tool_output),"
-    " 'error', error, 'exit_code', exit_code, 'reason', reason, 'role', role,"
-    " 'content', json(content))"
-)
-
-
-def replay_page(conn: apsw.Connection, after: int, session_id: str | None, limit: int) -> list[tuple[int, str]]:
-    """Up to `limit` events with id > `after` (of one session if given) as (id, data JSON)."""
-    if session_id is None:
-        sql = f"SELECT id, {_EVENT_DATA_JSON} FROM events WHERE id > ? ORDER BY id LIMIT ?"
-        return conn.execute(sql, (after, limit)).fetchall()
-    sql = f"SELECT id, {_EVENT_DATA_JSON} FROM events WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?"
-    return conn.execute(sql, (session_id, after, limit)).fetchall()
+def replay_page(conn: apsw.Connection, after: int, session_id: str | None, limit: int) -> list[tuple[int, bytes]]:
+    """Up to `limit` events with id > `after` (of one session if given) as (id, event JSON
+    as broadcast, without the id)."""
+    where = "id > ?" if session_id is None else "session_id = ? AND id > ?"
+    params = (after,) if session_id is None else (session_id, after)
+    sql = f"SELECT id, {STORED_COLUMNS} FROM events WHERE {where} ORDER BY id LIMIT ?"
+    rows = conn.execute(sql, (*params, limit))
+    return [(id_, _encode(StoredEvent(*fields))) for id_, *fields in map(_json_columns_raw, rows)]
 
 
 def max_deleted_event_id(conn: apsw.Connection) -> int:
