@@ -173,15 +173,17 @@ def http_load(port: int, make_request, concurrency: int = 16, seconds: float = 3
     return asyncio.run(_load(port, make_request, concurrency, seconds))
 
 
-def fetch(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    async def one():
+def fetch_all(port: int, raws: list[bytes]) -> list[tuple[int, bytes]]:
+    """Send raw requests one after another on one keep-alive connection."""
+
+    async def run():
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            return await _exchange(reader, writer, request_bytes(method, path, body))
+            return [await _exchange(reader, writer, raw) for raw in raws]
         finally:
             writer.close()
 
-    return asyncio.run(one())
+    return asyncio.run(run())
 
 
 def percentile(values: list[float], q: float) -> float:

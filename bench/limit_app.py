@@ -79,6 +79,8 @@ async def poll(request: Request):
             await asyncio.wait_for(run_ready.wait(), deadline - loop.time())
         except TimeoutError:
             return Response(status_code=204)
+        if await request.is_disconnected():  # never hand a run to a client that left
+            return Response(status_code=204)
     return json(b'{"run":{"run_id":"%s","status":"claimed"}}' % runs.popleft())
 
 
