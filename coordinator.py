@@ -26,7 +26,7 @@ from starlette.middleware.cors import CORSMiddleware
 from broadcast import Broadcaster
 from dispatch import Dispatcher
 from logs import RequestLog, logging_config
-from routes import agents, errors, health, live, runner, runs, sessions
+from routes import agents, errors, health, live, page, runner, runs, sessions
 from store import backup, retention
 from store.db import Database
 from store.events import newest_event_id
@@ -203,6 +203,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *runner.routes,
             *agents.routes,
             *live.routes,
+            *page.routes,
         ],
         middleware=[
             Middleware(RequestLog),

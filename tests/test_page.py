@@ -1,0 +1,132 @@
+"""The live page at `/`, driven in a real headless Chromium over the DevTools protocol: stored
+events, live events and sessions, and a resume after the WebSocket drops."""
+
+import itertools
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from websockets.sync.client import connect
+
+from test_sessions import assistant, create, event
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="the chromium binary is absent (Debian package `chromium`)"
+)
+
+
+def wait_until(predicate, what: str, seconds: float = 20.0):
+    deadline = time.monotonic() + seconds
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"{what}: not reached in {seconds} s"
+        time.sleep(0.02)
+    return value
+
+
+class DevTools:
+    """A DevTools protocol session with one page: commands answered in order, events kept."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.ids = itertools.count(1)
+        self.exceptions: list[dict] = []
+
+    def call(self, method: str, **params) -> dict:
+        call_id = next(self.ids)
+        self.ws.send(json.dumps({"id": call_id, "method": method, "params": params}))
+        deadline = time.monotonic() + 20
+        while True:
+            message = json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            if message.get("method") == "Runtime.exceptionThrown":
+                self.exceptions.append(message["params"]["exceptionDetails"])
+            if message.get("id") == call_id:
+                assert "error" not in message, message
+                return message["result"]
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def text(self) -> str:
+        return self.evaluate("document.body?.innerText ?? ''")  # no body while navigating
+
+
+@pytest.fixture
+def browser(tmp_path):
+    profile = tmp_path / "chromium-profile"
+    with open(tmp_path / "chromium.log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0",
+                "about:blank",
+            ],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        # Chromium writes the port it picked into the profile once it listens.
+        active = profile / "DevToolsActivePort"
+        port = wait_until(lambda: active.exists() and active.read_text().split("\n")[0], "DevTools port")
+        targets = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+        page = next(t for t in targets if t["type"] == "page")
+        with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=20) as ws:
+            devtools = DevTools(ws)
+            devtools.call("Runtime.enable")
+            yield devtools
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_page_is_static_html(server):
+    r = server.get("/")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/html; charset=utf-8"
+    assert "<script" in r.text and "/ws?" in r.text
+    assert "http://" not in r.text and "https://" not in r.text  # nothing loaded from elsewhere
+
+
+def test_page_shows_sessions_and_events_live_and_resumes_after_a_drop(server, browser):
+    create(server, "ses_page", agent_name="helper")
+    server.post("/sessions/ses_page/events", assistant("ses_page", "stored before the page opened", "2025-01-01T00:00:00Z"))
+
+    browser.call("Page.navigate", url=server.url + "/#ses_page")
+    wait_until(lambda: "stored before the page opened" in browser.text(), "stored event shown")
+    assert "ses_page" in browser.text() and "helper" in browser.text()
+    wait_until(lambda: server.state.broadcaster.subscriber_count == 1, "page subscribed")
+
+    server.post("/sessions/ses_page/events", event("ses_page", tool_name="Bash", tool_input={"command": "make live"}))
+    wait_until(lambda: "make live" in browser.text(), "live event shown")
+
+    create(server, "ses_other")
+    wait_until(lambda: "ses_other" in browser.text(), "new session listed")
+    server.post("/sessions/ses_page/events", event("ses_page", "session_stop", reason="completed"))
+    status = "document.querySelector('.session.selected .status').textContent"
+    wait_until(lambda: browser.evaluate(status) == "finished", "status updated live")
+
+    # Drop the connection; while the page is away an event is stored; it must come back
+    # through the resume (`since=<last cursor>`), exactly once.
+    browser.evaluate("ws.close()")
+    wait_until(lambda: server.state.broadcaster.subscriber_count == 0, "server saw the drop")
+    server.post("/sessions/ses_page/events", assistant("ses_page", "sent while away", "2025-01-01T00:00:09Z"))
+    assert server.state.broadcaster.subscriber_count == 0  # so it can only arrive by replay
+    wait_until(lambda: "sent while away" in browser.text(), "missed event replayed")
+    assert browser.text().count("sent while away") == 1
+    assert browser.text().count("stored before the page opened") == 1
+    assert "live" in browser.evaluate("document.getElementById('state').textContent")
+
+    server.delete("/sessions/ses_other")
+    wait_until(lambda: "ses_other" not in browser.text(), "deleted session removed")
+    assert browser.exceptions == []
