@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import anyio
 from starlette.types import Receive
@@ -23,6 +23,9 @@ from broadcast import Broadcaster
 from store import callbacks, runners, runs
 from store.db import Database
 from store.stamps import now_ts
+
+if TYPE_CHECKING:
+    from coordinator import Settings
 
 log = logging.getLogger("coordinator.dispatch")
 
@@ -36,7 +39,7 @@ class _Waiter:
 
 
 class Dispatcher:
-    def __init__(self, db: Database, broadcaster: Broadcaster, settings: Any):
+    def __init__(self, db: Database, broadcaster: Broadcaster, settings: Settings):
         self.db = db
         self.broadcaster = broadcaster
         self.settings = settings

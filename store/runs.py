@@ -6,7 +6,6 @@ a fixed format, so string order is time order and the queue is FIFO across resta
 
 from __future__ import annotations
 
-import logging
 from typing import Any, NamedTuple
 
 import apsw
@@ -16,8 +15,6 @@ from models import RUN_COLUMNS, Run, Runner, Session
 from store.errors import NotFound, Rejected
 from store.sessions import create_session, get_session, require_session, update_session
 from store.stamps import new_run_id, now_ts
-
-log = logging.getLogger("coordinator.runs")
 
 RUN_NOT_FOUND = "Run not found"
 PROPERTIES = ("hostname", "project_dir", "executor_type")
