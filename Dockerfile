@@ -5,7 +5,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
 COPY pyproject.toml setup.cfg README.md ./
-COPY coordinator.py models.py broadcast.py logs.py dispatch.py ./
+COPY coordinator.py models.py broadcast.py logs.py dispatch.py auth.py http_guard.py ./
 COPY routes ./routes
 COPY store ./store
 RUN pip install . \

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import logging.config
 import os
@@ -23,8 +24,10 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
+from auth import TokenAuth
 from broadcast import Broadcaster
 from dispatch import Dispatcher
+from http_guard import GuardedHttpProtocol
 from logs import RequestLog, logging_config
 from routes import agents, errors, health, live, page, runner, runs, sessions
 from store import backup, retention
@@ -82,6 +85,29 @@ def _recovery_mode(raw: str) -> str:
     return raw if raw in ("stale", "all", "none") else "stale"
 
 
+def _json_depth(raw: str) -> int:
+    value = int(raw)
+    # Deeper documents would trip msgspec's recursion limit or SQLite's JSON depth (1000).
+    if not 1 <= value <= 500:
+        raise ValueError("must be between 1 and 500")
+    return value
+
+
+def _token(raw: str) -> str:
+    token = raw.strip()
+    if not token:
+        raise ValueError("must not be empty (unset it to turn authentication off)")
+    return token
+
+
+def _token_file(raw: str) -> str:
+    try:
+        text = Path(raw).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the token: {exc}") from None
+    return _token(text)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, read once; see README for each variable."""
@@ -107,6 +133,13 @@ class Settings:
     max_subscribers: int = 1000
     sse_heartbeat_interval: float = 30.0
     max_body_bytes: int = 1024 * 1024
+    max_json_depth: int = 64
+    body_timeout: float = 30.0
+    header_timeout: float = 10.0
+    max_header_bytes: int = 64 * 1024
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 2048
+    api_token: str | None = None
     retention_days: float = 0.0  # 0: keep forever
     retention_interval: float = 3600.0
 
@@ -134,6 +167,8 @@ class Settings:
                 values[name] = parse(raw)
             except ValueError as exc:
                 raise SettingsError(f"{var}={raw!r}: {exc}") from None
+        if "COORDINATOR_API_TOKEN" in env and "COORDINATOR_API_TOKEN_FILE" in env:
+            raise SettingsError("COORDINATOR_API_TOKEN and COORDINATOR_API_TOKEN_FILE are both set: use one")
         return cls(**values)
 
 
@@ -159,6 +194,14 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("MAX_SUBSCRIBERS", "max_subscribers", _positive_int),
     ("SSE_HEARTBEAT_INTERVAL", "sse_heartbeat_interval", _positive_float),
     ("MAX_BODY_BYTES", "max_body_bytes", _positive_int),
+    ("MAX_JSON_DEPTH", "max_json_depth", _json_depth),
+    ("BODY_TIMEOUT", "body_timeout", _positive_float),
+    ("HEADER_TIMEOUT", "header_timeout", _positive_float),
+    ("MAX_HEADER_BYTES", "max_header_bytes", _positive_int),
+    ("KEEP_ALIVE_TIMEOUT", "keep_alive_timeout", _positive_float),
+    ("MAX_CONNECTIONS", "max_connections", _positive_int),
+    ("COORDINATOR_API_TOKEN", "api_token", _token),
+    ("COORDINATOR_API_TOKEN_FILE", "api_token", _token_file),
     ("RETENTION_DAYS", "retention_days", _non_negative_float),
     ("RETENTION_INTERVAL", "retention_interval", _positive_float),
 ]
@@ -212,7 +255,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["*"],
                 allow_headers=["*"],
-            )
+            ),
+            # Inside CORS: preflights are answered before it, and its 401s carry CORS headers.
+            Middleware(TokenAuth, token=settings.api_token),
         ],
         exception_handlers=errors.handlers,
         lifespan=lifespan,
@@ -241,11 +286,18 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
     except SettingsError as exc:
         sys.exit(f"agent-coordinator: invalid configuration: {exc}")
+    if settings.auth_enabled and settings.api_token is None:
+        sys.exit(
+            "agent-coordinator: AUTH_ENABLED is set, but Auth0 token validation is not supported:"
+            " set COORDINATOR_API_TOKEN (or COORDINATOR_API_TOKEN_FILE) to require a bearer token"
+        )
     if args.command == "backup":
         _backup(settings.db_path, args.path)
         return
     log_config = logging_config(settings.log_format == "json", settings.debug_logging)
     logging.config.dictConfig(log_config)
+    if settings.api_token is None:
+        log.warning("authentication is off: whoever can reach the port can use the API")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     import uvicorn
@@ -259,6 +311,11 @@ def main(argv: list[str] | None = None) -> None:
         log_level="debug" if settings.debug_logging else "info",
         access_log=False,  # RequestLog writes the request lines, without query strings
         timeout_graceful_shutdown=10,
+        http=functools.partial(
+            GuardedHttpProtocol, header_timeout=settings.header_timeout, max_header_bytes=settings.max_header_bytes
+        ),
+        timeout_keep_alive=settings.keep_alive_timeout,
+        limit_concurrency=settings.max_connections,  # beyond: 503 at once
     )
 
 

@@ -43,10 +43,14 @@ class JsonFormatter(logging.Formatter):
 
 class _NoWebSocketHandshakes(logging.Filter):
     """uvicorn logs each WebSocket handshake with its query string (which may hold `api_key`);
-    the request line of `RequestLog` reports it instead."""
+    the request line of `RequestLog` reports it instead. The WebSocket library's debug trace
+    (`< GET /ws?api_key=...`, `< authorization: ...`, frames with their payloads) goes too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "uvicorn.error" and '"WebSocket %s"' in str(record.msg))
+        if record.name != "uvicorn.error":
+            return True
+        message = str(record.msg)
+        return '"WebSocket %s"' not in message and not message.startswith(("< ", "> "))
 
 
 def logging_config(json_lines: bool, debug: bool) -> dict[str, Any]:

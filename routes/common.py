@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from array import array
+from itertools import accumulate
 from typing import Any, TypeVar
 
+import anyio
 import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -21,17 +25,43 @@ def json_response(content: Any, status_code: int = 200) -> Response:
     return Response(_encoder.encode(content), status_code=status_code, media_type="application/json")
 
 
+_STRING = re.compile(rb'"[^"]*"')
+# Brackets become +1/-1 (as signed bytes), everything else is deleted.
+_BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[{]}"))
+
+
+def json_depth(body: bytes) -> int:
+    """How deeply a JSON document nests arrays and objects, ignoring brackets in strings.
+    Linear time, all in C but one addition per bracket."""
+    # Escapes go first (`\\` pairs, then `\"`), so that every quote left delimits a string.
+    unescaped = bytes(body).replace(b"\\\\", b"").replace(b'\\"', b"")
+    steps = array("b", _STRING.sub(b"", unescaped).translate(_BRACKETS, _NOT_BRACKETS))
+    return max(accumulate(steps), default=0)
+
+
 async def read_body(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
-    """Decode the body with a module-level decoder: JSON whatever the Content-Type says."""
-    limit = request.app.state.settings.max_body_bytes
+    """Decode the body with a module-level decoder: JSON whatever the Content-Type says.
+    Too large (413), too slow to arrive (408) and too deeply nested (422) never reach it."""
+    settings = request.app.state.settings
+    limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"Request body larger than {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(413, f"Request body larger than {limit} bytes")
+    try:
+        with anyio.fail_after(settings.body_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise HTTPException(413, f"Request body larger than {limit} bytes")
+    except TimeoutError:
+        # The rest of the body may still come: the connection cannot carry another request.
+        detail = f"Request body not received within {settings.body_timeout:g} s"
+        raise HTTPException(408, detail, headers={"Connection": "close"}) from None
+    depth = settings.max_json_depth
+    if body.count(b"[") + body.count(b"{") > depth and json_depth(body) > depth:
+        raise ValidationFailed.one(["body"], f"JSON nested deeper than {depth} levels", "json_depth")
     try:
         return decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
