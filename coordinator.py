@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.util
 import logging
 import logging.config
 import os
@@ -28,8 +29,8 @@ from auth import TokenAuth
 from broadcast import Broadcaster
 from dispatch import Dispatcher
 from http_guard import GuardedHttpProtocol
-from logs import RequestLog, logging_config
-from routes import agents, errors, health, live, page, runner, runs, sessions
+from logs import RequestLog, log_request, logging_config
+from routes import agents, errors, health, live, metrics, page, runner, runs, sessions
 from store import backup, retention
 from store.db import Database
 from store.events import newest_event_id
@@ -43,6 +44,13 @@ class SettingsError(ValueError):
 
 def _flag(raw: str) -> bool:
     return raw.strip().lower() in ("true", "1", "yes")
+
+
+def _metrics_flag(raw: str) -> bool:
+    enabled = _flag(raw)
+    if enabled and importlib.util.find_spec("prometheus_client") is None:
+        raise ValueError("needs prometheus_client: pip install 'agent-coordinator[metrics]'")
+    return enabled
 
 
 def _positive_float(raw: str) -> float:
@@ -142,6 +150,7 @@ class Settings:
     api_token: str | None = None
     retention_days: float = 0.0  # 0: keep forever
     retention_interval: float = 3600.0
+    metrics_enabled: bool = False
 
     @property
     def data_dir(self) -> Path:
@@ -204,6 +213,7 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("COORDINATOR_API_TOKEN_FILE", "api_token", _token_file),
     ("RETENTION_DAYS", "retention_days", _non_negative_float),
     ("RETENTION_INTERVAL", "retention_interval", _positive_float),
+    ("METRICS_ENABLED", "metrics_enabled", _metrics_flag),
 ]
 
 
@@ -219,6 +229,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.settings = settings
         app.state.db = db
         app.state.broadcaster = broadcaster
+        if settings.metrics_enabled:
+            app.state.metrics = metrics.Metrics(app.state)
+            db.on_write = app.state.metrics.observe_write
         app.state.dispatcher = dispatcher = Dispatcher(db, broadcaster, settings)
         try:
             await dispatcher.recover()
@@ -238,6 +251,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             await anyio.to_thread.run_sync(db.close)
 
+    request_observers = [log_request, *([metrics.observe_request] if settings.metrics_enabled else [])]
     return Starlette(
         routes=[
             *health.routes,
@@ -247,9 +261,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *agents.routes,
             *live.routes,
             *page.routes,
+            *metrics.routes,
         ],
         middleware=[
-            Middleware(RequestLog),
+            Middleware(RequestLog, observers=request_observers),
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),

@@ -16,6 +16,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -184,6 +185,8 @@ class Database:
         self._readers_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._writer.start()
+        # Called with (verb name, seconds from queuing to commit) after each `write`; metrics.
+        self.on_write: Callable[[str, float], None] | None = None
 
     # -- writes -------------------------------------------------------------------------
 
@@ -194,7 +197,12 @@ class Database:
 
     async def write(self, fn: Verb[T], *args: Any, **kwargs: Any) -> T:
         """Run a write verb in the writer thread; returns once its transaction is committed."""
-        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+        started = time.perf_counter()
+        try:
+            return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+        finally:
+            if self.on_write is not None:
+                self.on_write(getattr(fn, "__name__", "unnamed"), time.perf_counter() - started)
 
     def write_sync(self, fn: Verb[T], *args: Any, **kwargs: Any) -> T:
         return self.submit(fn, *args, **kwargs).result()

@@ -1,0 +1,13 @@
+"""Counts for monitoring, read in one snapshot when metrics are scraped."""
+
+from __future__ import annotations
+
+import apsw
+
+
+def status_counts(conn: apsw.Connection) -> dict[str, dict[str, int]]:
+    """How many runs and runners there are in each status."""
+    return {
+        table: dict(conn.execute(f"SELECT status, count(*) FROM {table} GROUP BY status").fetchall())
+        for table in ("runs", "runners")
+    }
