@@ -3,6 +3,7 @@ matching, reports, heartbeats, the runner lifecycle and deregistration."""
 
 import hashlib
 import json
+import socket
 import threading
 import time
 
@@ -276,6 +277,23 @@ def test_poll_of_a_departed_client_takes_nothing(server):
     wait_for(lambda: runner.runner_id not in server.state.dispatcher._waiters, what="the poll to end")
     created = start_run(server)
     assert server.get(f"/runs/{created['run_id']}").json()["status"] == "pending"
+    assert runner.next_run()["run_id"] == created["run_id"]
+
+
+def test_run_claimed_for_a_client_that_just_left_is_put_back(server):
+    runner = registered(server)
+    created = start_run(server)
+    # Hold the writer so that the poll's claim commits only after the client has hung up.
+    gate = threading.Event()
+    server.state.db.submit(lambda conn: gate.wait(10))
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(f"GET /runner/runs?runner_id={runner.runner_id} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    waiters = server.state.dispatcher._waiters
+    wait_for(lambda: any(w.gone for w in waiters.get(runner.runner_id, ())), what="the hang-up to be noticed")
+    gate.set()
+    wait_for(lambda: runner.runner_id not in waiters, what="the poll to end")
+    run = server.get(f"/runs/{created['run_id']}").json()
+    assert (run["status"], run["runner_id"], run["claimed_at"]) == ("pending", None, None)
     assert runner.next_run()["run_id"] == created["run_id"]
 
 
