@@ -8,7 +8,7 @@ COPY pyproject.toml setup.cfg README.md ./
 COPY coordinator.py models.py broadcast.py logs.py dispatch.py auth.py http_guard.py ./
 COPY routes ./routes
 COPY store ./store
-RUN pip install . \
+RUN pip install ".[metrics]" \
     && useradd --system --uid 1000 --home-dir /app coordinator \
     && mkdir -p /app/.agent-orchestrator \
     && chown coordinator /app/.agent-orchestrator
