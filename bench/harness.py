@@ -115,7 +115,7 @@ def request_bytes(method: str, path: str, body: bytes | None = None) -> bytes:
     return head.encode() + b"\r\n" + (body or b"")
 
 
-async def _exchange(reader, writer, raw: bytes) -> tuple[int, bytes]:
+async def exchange(reader, writer, raw: bytes) -> tuple[int, bytes]:
     writer.write(raw)
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
@@ -154,7 +154,7 @@ async def _load(port: int, make_request, concurrency: int, seconds: float) -> Lo
                 raw = make_request(index, n)
                 n += 1
                 t0 = time.perf_counter()
-                status, _ = await _exchange(reader, writer, raw)
+                status, _ = await exchange(reader, writer, raw)
                 latencies.append((time.perf_counter() - t0) * 1000)
                 if status >= 400:
                     errors += 1
@@ -179,7 +179,7 @@ def fetch_all(port: int, raws: list[bytes]) -> list[tuple[int, bytes]]:
     async def run():
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            return [await _exchange(reader, writer, raw) for raw in raws]
+            return [await exchange(reader, writer, raw) for raw in raws]
         finally:
             writer.close()
 

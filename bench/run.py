@@ -8,7 +8,6 @@ that uses most of its CPU is flagged, since then it, not the server, sets the pa
 from __future__ import annotations
 
 import argparse
-import asyncio
 import platform
 import statistics
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import apsw
 import msgspec
 
+from bench.dispatch import dispatch
 from bench.fanout import event_body, fanout
 from bench.harness import (
     CPUS,
@@ -70,61 +70,6 @@ def ingest(port: int, seconds: float, legacy: bool) -> LoadResult:
 def read(port: int, seconds: float, path: str) -> LoadResult:
     raw = request_bytes("GET", path)
     return http_load(port, lambda w, n: raw, concurrency=8, seconds=seconds)
-
-
-async def _dispatch(port: int, runs: int, rate: float | None) -> tuple[float, list[float]]:
-    """4 runners long-poll while `runs` runs are created (at `rate`/s, or as fast as one
-    client can): returns claimed runs per second and create→claim latencies (ms)."""
-    created: dict[str, float] = {}
-    claimed: dict[str, float] = {}
-    done = asyncio.Event()
-
-    async def call(reader, writer, method, path, body=None):
-        writer.write(request_bytes(method, path, body))
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        return int(head[9:12]), (await reader.readexactly(length) if length else b"")
-
-    async def runner(index: int):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        body = msgspec.json.encode({"hostname": f"bench{index}-{time.time()}", "project_dir": "/p",
-                                    "executor_type": "bench"})
-        _, reply = await call(reader, writer, "POST", "/runner/register", body)
-        runner_id = msgspec.json.decode(reply)["runner_id"]
-        while not done.is_set():
-            status, reply = await call(reader, writer, "GET", f"/runner/runs?runner_id={runner_id}")
-            if status == 200:
-                claimed[msgspec.json.decode(reply)["run"]["run_id"]] = time.perf_counter()
-                if len(claimed) >= runs:
-                    done.set()
-        writer.close()
-
-    pollers = [asyncio.ensure_future(runner(i)) for i in range(4)]
-    await asyncio.sleep(0.2)  # let the runners register and start waiting
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    start = time.perf_counter()
-    for n in range(runs):
-        if rate:
-            await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
-        _, reply = await call(reader, writer, "POST", "/runs",
-                              b'{"type":"start_session","prompt":"benchmark run"}')
-        created[msgspec.json.decode(reply)["run_id"]] = time.perf_counter()  # the run exists from here
-    try:
-        await asyncio.wait_for(done.wait(), 30)
-    finally:
-        elapsed = time.perf_counter() - start
-        for task in pollers:
-            task.cancel()
-        writer.close()
-    latencies = [(claimed[run_id] - created[run_id]) * 1000 for run_id in created if run_id in claimed]
-    return len(claimed) / elapsed, latencies
-
-
-def dispatch(port: int, runs: int, rate: float | None) -> tuple[float, list[float]]:
-    return asyncio.run(_dispatch(port, runs, rate))
 
 
 # -- set-up ------------------------------------------------------------------------------
@@ -235,7 +180,7 @@ def main() -> None:
 
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {len(CPUS)} CPUs, Python "
           f"{platform.python_version()}, {rounds} rounds of {seconds:g} s (median shown)\n")
-    print(f"| workload | coordinator /s | p50 ms | p99 ms | limit app /s | p50 ms | p99 ms | ratio /s | p99 ratio |")
+    print("| workload | coordinator /s | p50 ms | p99 ms | limit app /s | p50 ms | p99 ms | ratio /s | p99 ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for workload in dict.fromkeys(w for w, _ in results):
         a = results.get((workload, "coordinator"))

@@ -171,7 +171,7 @@ def test_post_event_and_read_back_faithfully(server):
     assert {k: first[k] for k in sent} == sent  # falsy values come back as sent
     assert rows[1]["tool_input"] == {"cmd": "ls", "n": [1, {"x": None}]}
     assert rows[1]["tool_output"] == "text" and rows[1]["content"] is None
-    assert server.get(f"/events/s").json() == {"events": rows}
+    assert server.get("/events/s").json() == {"events": rows}
 
 
 def test_post_event_errors_in_contract_order(server):
