@@ -29,11 +29,10 @@ async def _init_message(request, session_id: str | None) -> Message:
     """All sessions (newest first), or only the filtered one, with the current cursor."""
     cursor = request.app.state.broadcaster.cursor
     if session_id is None:
-        found = await request.app.state.db.read(sessions.list_sessions)
-    else:
-        one = await request.app.state.db.read(sessions.get_session, session_id)
-        found = [one] if one else []
-    return encode("init", {"sessions": found}, session_id, cursor)
+        found = await request.app.state.db.read(sessions.list_sessions_json)
+        return encode_json("init", b'{"sessions":%s}' % found, None, cursor)
+    one = await request.app.state.db.read(sessions.get_session, session_id)
+    return encode("init", {"sessions": [one] if one else []}, session_id, cursor)
 
 
 async def _replay(request, since: int, session_id: str | None) -> AsyncIterator[Message]:

@@ -31,8 +31,8 @@ def _session_ok(session: Session) -> Response:
 async def list_sessions(request: Request):
     status = request.query_params.get("status")
     limit = query_int(request, "limit", 1)
-    found = await request.app.state.db.read(sessions.list_sessions, status, limit)
-    return json_response({"sessions": found})
+    found = await request.app.state.db.read(sessions.list_sessions_json, status, limit)
+    return Response(b'{"sessions":%s}' % found, media_type="application/json")
 
 
 async def create_session(request: Request):

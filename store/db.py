@@ -135,6 +135,22 @@ MIGRATIONS: list[str] = [
         session_id TEXT PRIMARY KEY REFERENCES sessions(session_id) ON DELETE CASCADE
     );
     """,
+    # A counter bumped by every change to `sessions`, so the full session list can be served
+    # from a cache until it changes.
+    """
+    CREATE TRIGGER IF NOT EXISTS sessions_inserted AFTER INSERT ON sessions BEGIN
+        INSERT INTO meta (key, value) VALUES ('sessions_version', 1)
+        ON CONFLICT (key) DO UPDATE SET value = value + 1;
+    END;
+    CREATE TRIGGER IF NOT EXISTS sessions_updated AFTER UPDATE ON sessions BEGIN
+        INSERT INTO meta (key, value) VALUES ('sessions_version', 1)
+        ON CONFLICT (key) DO UPDATE SET value = value + 1;
+    END;
+    CREATE TRIGGER IF NOT EXISTS sessions_deleted AFTER DELETE ON sessions BEGIN
+        INSERT INTO meta (key, value) VALUES ('sessions_version', 1)
+        ON CONFLICT (key) DO UPDATE SET value = value + 1;
+    END;
+    """,
 ]
 
 

@@ -290,3 +290,19 @@ def test_result_not_found_without_text(server, content):
     server.post("/sessions/s/events", event("s", "session_stop"))
     r = server.get("/sessions/s/result")
     assert (r.status_code, r.json()) == (404, {"detail": "No result found"})
+
+
+def test_full_list_follows_every_kind_of_session_change(server):
+    def listed():
+        return {s["session_id"]: s["status"] for s in server.get("/sessions").json()["sessions"]}
+
+    create(server, "a")
+    assert listed() == {"a": "pending"}
+    server.post("/sessions/a/bind", {"executor_session_id": "e", "hostname": "h", "executor_type": "t"})
+    assert listed() == {"a": "running"}
+    server.post("/events", event("b", "session_start"))
+    assert listed() == {"a": "running", "b": "running"}
+    server.post("/sessions/a/events", event("a", "session_stop"))
+    assert listed() == {"a": "finished", "b": "running"}
+    server.delete("/sessions/b")
+    assert listed() == {"a": "finished"}
