@@ -30,7 +30,7 @@ from broadcast import Broadcaster
 from dispatch import Dispatcher
 from http_guard import GuardedHttpProtocol
 from logs import RequestLog, log_request, logging_config
-from routes import agents, errors, health, live, metrics, page, runner, runs, sessions
+from routes import agents, errors, health, live, metrics, openapi, page, runner, runs, sessions
 from store import backup, retention
 from store.db import Database
 from store.events import newest_event_id
@@ -262,6 +262,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             *live.routes,
             *page.routes,
             *metrics.routes,
+            *openapi.routes,
         ],
         middleware=[
             Middleware(RequestLog, observers=request_observers),
