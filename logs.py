@@ -93,10 +93,11 @@ def log_request(scope: dict, status: int, seconds: float) -> None:
 
 class RequestLog:
     """Pure ASGI middleware: once a request is answered (or a WebSocket closed), call every
-    observer with (scope, status, seconds). The status of a WebSocket is 101 once accepted;
-    500 stands for an exception before any response."""
+    observer with (scope, status, seconds): `log_request`, and the metrics when they are on.
+    The status of a WebSocket is 101 once accepted; 500 stands for an exception before any
+    response, 0 for a request that ended unanswered (the client left first)."""
 
-    def __init__(self, app, observers: Iterable[Observer] = (log_request,)):
+    def __init__(self, app, observers: Iterable[Observer]):
         self.app = app
         self.observers = tuple(observers)
 

@@ -8,8 +8,8 @@ from websockets.sync.client import connect
 from test_sessions import create, event
 
 
-def scrape(server) -> dict[tuple[str, tuple], float]:
-    r = server.get("/metrics")
+def scrape(server, **kwargs) -> dict[tuple[str, tuple], float]:
+    r = server.get("/metrics", **kwargs)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain; version=")
     return {
@@ -82,3 +82,12 @@ def test_each_app_has_its_own_registry(make_server):
     key = ("coordinator_http_requests_total", (("method", "POST"), ("route", "/sessions"), ("status", "200")))
     assert scrape(first)[key] == 1
     assert key not in scrape(second)
+
+
+def test_requests_refused_before_routing_keep_their_route(make_server):
+    srv = make_server(metrics_enabled=True, api_token="t0ken")
+    assert srv.get("/sessions/x").status_code == 401
+    assert srv.get("/metrics").status_code == 401
+    m = scrape(srv, headers={"Authorization": "Bearer t0ken"})
+    key = ("coordinator_http_requests_total", (("method", "GET"), ("route", "/sessions/{session_id}"), ("status", "401")))
+    assert m[key] == 1
