@@ -6,12 +6,14 @@ key (null when unset) unless a Struct says `omit_defaults`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 SessionStatus = Literal["pending", "running", "stopping", "stopped", "finished"]
 ExecutionMode = Literal["sync", "async_poll", "async_callback"]
+# An integer SQLite can store: a larger one is refused by validation (422), not by the write.
+SqlInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class Session(msgspec.Struct):
@@ -41,7 +43,7 @@ class Event(msgspec.Struct):
     tool_input: dict[str, Any] | None = None
     tool_output: Any = None
     error: str | None = None
-    exit_code: int | None = None
+    exit_code: SqlInt | None = None
     reason: str | None = None
     role: str | None = None
     content: list[dict[str, Any]] | None = None

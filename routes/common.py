@@ -66,6 +66,8 @@ async def read_body(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
         return decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise from_msgspec(exc) from None
+    except UnicodeDecodeError:  # how msgspec reports a string that is not UTF-8
+        raise ValidationFailed.one(["body"], "JSON string is not valid UTF-8", "json_invalid") from None
 
 
 _TRUE = {"true", "1", "yes", "on", "t", "y"}
@@ -84,7 +86,10 @@ def query_bool(request: Request, name: str, default: bool) -> bool:
     raise ValidationFailed.one(["query", name], "Input should be a valid boolean", "bool_parsing")
 
 
-def query_int(request: Request, name: str, low: int, high: int | None = None) -> int | None:
+SQL_INT_MAX = 2**63 - 1  # the largest integer SQLite takes
+
+
+def query_int(request: Request, name: str, low: int, high: int = SQL_INT_MAX) -> int | None:
     """An optional integer query value within [low, high]; anything else is a 422."""
     raw = request.query_params.get(name)
     if raw is None:
@@ -93,7 +98,6 @@ def query_int(request: Request, name: str, low: int, high: int | None = None) ->
         value = int(raw)
     except ValueError:
         raise ValidationFailed.one(["query", name], "Input should be a valid integer", "int_parsing") from None
-    if value < low or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ValidationFailed.one(["query", name], f"Input should be {bounds}")
+    if not low <= value <= high:
+        raise ValidationFailed.one(["query", name], f"Input should be between {low} and {high}")
     return value

@@ -14,7 +14,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from broadcast import Dropped, Message, Subscriber, TooManySubscribers, encode, encode_json
-from routes.common import query_bool
+from routes.common import SQL_INT_MAX, query_bool
 from store import events, sessions
 
 log = logging.getLogger("coordinator.live")
@@ -75,8 +75,11 @@ async def _messages(
 
 
 def _cursor_param(raw: str | None) -> int | None:
-    """A resume cursor; anything but a non-negative integer means "no resume"."""
-    return int(raw) if raw is not None and raw.isdigit() else None
+    """A resume cursor; anything but a non-negative integer SQLite can hold means "no resume"."""
+    # isdigit() alone lets through digits int() refuses ("²") and more than fits in SQLite.
+    if raw is None or not (raw.isascii() and raw.isdigit() and len(raw) <= 19) or int(raw) > SQL_INT_MAX:
+        return None
+    return int(raw)
 
 
 # -- WebSocket ----------------------------------------------------------------------------
