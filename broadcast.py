@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import msgspec
 
 log = logging.getLogger("coordinator.broadcast")
@@ -90,13 +91,20 @@ class Subscriber:
     async def wait_dropped(self) -> None:
         await self._dropped.wait()
 
-    async def get(self) -> Message:
-        """The next message in broadcast order; raises Dropped once the subscriber is dropped."""
+    async def get(self, timeout: float | None = None) -> Message | None:
+        """The next message in broadcast order, or None after `timeout` seconds without one;
+        raises Dropped once the subscriber is dropped. A timer is only set when waiting."""
         while not self._queue:
             if self.dropped:
                 raise Dropped
             self._ready.clear()
-            await self._ready.wait()
+            if timeout is None:
+                await self._ready.wait()
+            else:
+                with anyio.move_on_after(timeout) as idle:
+                    await self._ready.wait()
+                if idle.cancelled_caught:
+                    return None
         if self.dropped:
             raise Dropped
         return self._queue.popleft()

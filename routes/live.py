@@ -3,6 +3,7 @@ broadcaster decides what is sent, in which order, and who is too slow to keep.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import AsyncIterator, Callable
 
@@ -20,7 +21,7 @@ from store import events, sessions
 log = logging.getLogger("coordinator.live")
 
 REPLAY_PAGE = 500
-SEND_TIMEOUT = 10.0  # a peer that cannot take one frame in this long is gone
+CLOSE_TIMEOUT = 10.0  # for the close frame to get through to a peer that fell behind
 CLOSE_TRY_AGAIN = 1013
 CLOSE_POLICY = 1008
 
@@ -67,9 +68,7 @@ async def _messages(
             replayed = max(replayed, message.cursor)
             yield message
     while True:
-        message = None
-        with anyio.move_on_after(idle):
-            message = await subscriber.get()
+        message = await subscriber.get(idle)
         if message is None or message.type != "event" or message.cursor > replayed:
             yield message
 
@@ -94,7 +93,6 @@ async def ws_endpoint(websocket: WebSocket):
     if broadcaster.full:
         await websocket.close(CLOSE_TRY_AGAIN, "Too many live subscribers, try again later")
         return
-    close = None  # stays None when the peer leaves first
     with broadcaster.subscribe(session_id) as subscriber:
         async with anyio.create_task_group() as tasks:
             # Whichever ends first ends the subscription: the peer leaves, the broadcaster
@@ -102,13 +100,11 @@ async def ws_endpoint(websocket: WebSocket):
             stop = tasks.cancel_scope.cancel
             tasks.start_soon(_ignore_client_frames, websocket, stop)
             tasks.start_soon(_call_when_dropped, subscriber, stop)
-            close = await _send_frames(websocket, _messages(websocket, subscriber, True, since), since is not None)
+            await _send_frames(websocket, _messages(websocket, subscriber, True, since), since is not None)
             stop()
     if subscriber.dropped:
-        close = CLOSE_TRY_AGAIN, "Subscriber fell behind; reconnect with since=<last cursor>"
-    if close is not None:
-        with anyio.move_on_after(SEND_TIMEOUT):
-            await websocket.close(*close)
+        with anyio.move_on_after(CLOSE_TIMEOUT):
+            await websocket.close(CLOSE_TRY_AGAIN, "Subscriber fell behind; reconnect with since=<last cursor>")
 
 
 async def _ignore_client_frames(websocket: WebSocket, on_disconnect: Callable[[], None]) -> None:
@@ -123,19 +119,13 @@ async def _call_when_dropped(subscriber: Subscriber, stop: Callable[[], None]) -
     stop()
 
 
-async def _send_frames(websocket: WebSocket, messages: AsyncIterator[Message], with_cursor: bool):
-    """Send until the peer leaves or is dropped (returns None) or is too slow (code, reason)."""
-    try:
+async def _send_frames(websocket: WebSocket, messages: AsyncIterator[Message], with_cursor: bool) -> None:
+    """Send until the peer leaves or is dropped. No timer per frame: a peer stuck on a full
+    socket is dropped by the broadcaster once its queue fills, a dead one closed by uvicorn's
+    ping timeout."""
+    with contextlib.suppress(Dropped, WebSocketDisconnect, OSError):
         async for message in messages:
-            frame = message.ws_frame_cursor if with_cursor else message.ws_frame
-            with anyio.fail_after(SEND_TIMEOUT):
-                await websocket.send_text(frame)
-    except Dropped:
-        return None
-    except TimeoutError:
-        return CLOSE_TRY_AGAIN, "Subscriber too slow to receive"
-    except (WebSocketDisconnect, OSError):
-        return None
+            await websocket.send_text(message.ws_frame_cursor if with_cursor else message.ws_frame)
 
 
 # -- Server-sent events -------------------------------------------------------------------
