@@ -53,8 +53,10 @@ async def _open_ws(port: int, path: str, rcvbuf: int | None = None):
     return reader, writer
 
 
-async def _read_frames(reader, on_event) -> None:
-    """Minimal frame reader (server frames are unmasked): calls on_event(seq, sent_at)."""
+async def _read_frames(reader, on_event, ready: asyncio.Semaphore) -> None:
+    """Minimal frame reader (server frames are unmasked): calls on_event(seq, sent_at);
+    releases `ready` once `init` is in."""
+    first = True
     while True:
         header = await reader.readexactly(2)
         size = header[1] & 0x7F
@@ -64,6 +66,9 @@ async def _read_frames(reader, on_event) -> None:
         if header[0] & 0x0F == 0x8:
             return
         frame = _decode(payload)
+        if first:
+            first = False
+            ready.release()
         if frame.type == "event" and frame.data is not None:
             on_event(frame.data.tool_input["seq"], frame.data.tool_input["t"])
 
@@ -87,6 +92,7 @@ async def _fanout(port: int, subscribers: int, rate: float, seconds: float, stal
     latencies: list[float] = []
     seen = [set() for _ in range(subscribers)]
     tasks, conns = [], []
+    ready = asyncio.Semaphore(0)
     stalled_conns = [await _open_ws(port, "/ws", rcvbuf=4096) for _ in range(stalled)]
     for index in range(subscribers):
         r, w = await _open_ws(port, "/ws")
@@ -96,7 +102,9 @@ async def _fanout(port: int, subscribers: int, rate: float, seconds: float, stal
             latencies.append((time.time() - sent_at) * 1000)
             seen[index].add(seq)
 
-        tasks.append(asyncio.ensure_future(_read_frames(r, on_event)))
+        tasks.append(asyncio.ensure_future(_read_frames(r, on_event, ready)))
+    for _ in range(subscribers):  # everyone has its init: the stream is live
+        await ready.acquire()
 
     posters = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
     locks = [asyncio.Lock() for _ in posters]
