@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings, strategies as st
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -66,6 +67,27 @@ def test_live_streams_take_header_or_api_key(guarded):
     for kwargs in ({"params": {"api_key": TOKEN}}, {"headers": BEARER}):
         with requests.get(guarded.url + "/sse/sessions", stream=True, timeout=10, **kwargs) as r:
             assert r.status_code == 200 and next(r.iter_lines()).startswith(b"id: ")
+
+
+# Header values as HTTP carries them: latin-1, no control characters, no surrounding spaces.
+HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+                      max_size=80).map(str.strip)
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["/sessions", "/sse/sessions", "/runs", "/nope"]),
+       st.none() | HEADER_TEXT | HEADER_TEXT.map(lambda t: "Bearer " + t) | st.just(f"Bearer {TOKEN}"),
+       st.none() | st.text(max_size=40) | st.just(TOKEN))
+def test_any_credential_is_a_200_or_a_401(guarded, path, authorization, api_key):
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    params = {"api_key": api_key} if api_key is not None else {}
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer":
+        right = presented.strip(" \t") == TOKEN
+    else:
+        right = path == "/sse/sessions" and api_key == TOKEN
+    with requests.get(guarded.url + path, headers=headers, params=params, stream=True, timeout=10) as r:
+        assert r.status_code == ((404 if path == "/nope" else 200) if right else 401)
 
 
 def test_preflight_needs_no_token_and_401_carries_cors_headers(guarded):
