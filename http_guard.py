@@ -29,6 +29,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
 
     def _await_head(self) -> None:
+        self._head_arrived()
         self._head_timer = self.loop.call_later(self._header_timeout, self.transport.close)
 
     def _head_arrived(self) -> None:

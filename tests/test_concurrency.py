@@ -34,6 +34,10 @@ class Worker:
         return response
 
     def run(self) -> None:
+        with self.http:
+            self.rounds()
+
+    def rounds(self) -> None:
         for n in range(MAX_ROUNDS):
             if time.monotonic() > self.deadline:
                 return

@@ -52,48 +52,50 @@ class Load:
                 self.enough.set()
 
     def write_events(self, sid: str) -> None:
-        http = requests.Session()
-        for i in range(100_000):  # ends when the server does
-            marker = f"{sid}-{i}"
-            self.ledger.markers_sent[sid].append(marker)
-            try:
-                r = http.post(f"{self.server.url}/sessions/{sid}/events", timeout=10,
-                              json=event(sid, tool_input={"marker": marker}))
-            except GONE:
-                return
-            assert r.status_code == 200, r.text
-            self.ledger.markers_acked[sid].append(marker)
-            self.ack()
+        with requests.Session() as http:
+            for i in range(100_000):  # ends when the server does
+                marker = f"{sid}-{i}"
+                self.ledger.markers_sent[sid].append(marker)
+                try:
+                    r = http.post(f"{self.server.url}/sessions/{sid}/events", timeout=10,
+                                  json=event(sid, tool_input={"marker": marker}))
+                except GONE:
+                    return
+                assert r.status_code == 200, r.text
+                self.ledger.markers_acked[sid].append(marker)
+                self.ack()
 
     def create_runs(self) -> None:
-        http = requests.Session()
-        for _ in range(100_000):
-            try:
-                r = http.post(self.server.url + "/runs", json={"type": "start_session", "prompt": "p"}, timeout=10)
-            except GONE:
-                return
-            assert r.status_code == 200, r.text
-            self.ledger.runs[r.json()["run_id"]] = "created"
-            self.ack()
+        with requests.Session() as http:
+            for _ in range(100_000):
+                try:
+                    r = http.post(self.server.url + "/runs", json={"type": "start_session", "prompt": "p"},
+                                  timeout=10)
+                except GONE:
+                    return
+                assert r.status_code == 200, r.text
+                self.ledger.runs[r.json()["run_id"]] = "created"
+                self.ack()
 
     def claim_runs(self, runner: ScriptedRunner) -> None:
-        for i in range(100_000):
-            try:
-                r = runner.poll(timeout=10)
-                if r.status_code == 204:
-                    continue
-                run_id = r.json()["run"]["run_id"]
-                self.ledger.runs[run_id] = "claimed"
-                self.ack()
-                if i % 2:  # half are started, the others stay claimed
-                    continue
-                self.ledger.start_unconfirmed.add(run_id)
-                assert runner.report(run_id, "started").status_code == 200
-                self.ledger.start_unconfirmed.discard(run_id)
-                self.ledger.runs[run_id] = "started"
-                self.ack()
-            except GONE:
-                return
+        with runner.http:
+            for i in range(100_000):
+                try:
+                    r = runner.poll(timeout=10)
+                    if r.status_code == 204:
+                        continue
+                    run_id = r.json()["run"]["run_id"]
+                    self.ledger.runs[run_id] = "claimed"
+                    self.ack()
+                    if i % 2:  # half are started, the others stay claimed
+                        continue
+                    self.ledger.start_unconfirmed.add(run_id)
+                    assert runner.report(run_id, "started").status_code == 200
+                    self.ledger.start_unconfirmed.discard(run_id)
+                    self.ledger.runs[run_id] = "started"
+                    self.ack()
+                except GONE:
+                    return
 
     def threads(self) -> list[threading.Thread]:
         return ([threading.Thread(target=self.write_events, args=(sid,)) for sid in self.sessions]

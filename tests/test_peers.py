@@ -2,6 +2,7 @@
 idle, runners whose long-poll connection drops. None of them leaks a subscriber or a waiter,
 and no run is lost to a poll nobody is waiting for any more."""
 
+import contextlib
 import socket
 import struct
 import threading
@@ -90,21 +91,24 @@ def test_sse_clients_leaving_while_idle(make_server):
 def test_dropped_runner_polls_lose_no_run(make_server):
     srv = make_server(runner_poll_timeout=5)
     runners = [registered(srv, hostname=f"host-{i}") for i in range(3)]
-    for _ in range(3):
-        # Every runner's poll is given up by its client; a run is queued at once, before the
-        # server has necessarily noticed.
-        def give_up(runner):
-            with pytest.raises(requests.ReadTimeout):
-                runner.poll(timeout=0.2)
 
-        threads = [threading.Thread(target=give_up, args=(r,)) for r in runners]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=10)
-        created = start_run(srv)
-        wait_for(lambda: not srv.state.dispatcher._waiters, what="the abandoned polls to end")
-        assert srv.get(f"/runs/{created['run_id']}").json()["status"] == "pending"
-        claimed = runners[0].next_run()
-        assert claimed["run_id"] == created["run_id"]
-        assert srv.get(f"/runs/{created['run_id']}").json()["runner_id"] == runners[0].runner_id
+    def give_up(runner):
+        with pytest.raises(requests.ReadTimeout):
+            runner.poll(timeout=0.2)
+
+    with contextlib.ExitStack() as stack:
+        for runner in runners:
+            stack.enter_context(runner.http)
+        for _ in range(3):
+            # Every runner's poll is given up by its client; a run is queued at once, before
+            # the server has necessarily noticed.
+            threads = [threading.Thread(target=give_up, args=(r,)) for r in runners]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=10)
+            created = start_run(srv)
+            wait_for(lambda: not srv.state.dispatcher._waiters, what="the abandoned polls to end")
+            assert srv.get(f"/runs/{created['run_id']}").json()["status"] == "pending"
+            assert runners[0].next_run()["run_id"] == created["run_id"]
+            assert srv.get(f"/runs/{created['run_id']}").json()["runner_id"] == runners[0].runner_id
