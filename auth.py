@@ -19,6 +19,8 @@ QUERY_KEY_PATHS = {"/ws", "/sse/sessions"}
 
 
 class TokenAuth:
+    """The middleware; with `token` None it lets every request through."""
+
     def __init__(self, app, token: str | None):
         self.app = app
         self._token = None if token is None else token.encode()
