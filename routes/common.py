@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from array import array
 from itertools import accumulate
 from typing import Any, TypeVar
 
-import anyio
 import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -50,7 +50,7 @@ async def read_body(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
         raise HTTPException(413, f"Request body larger than {limit} bytes")
     body = bytearray()
     try:
-        with anyio.fail_after(settings.body_timeout):
+        async with asyncio.timeout(settings.body_timeout):  # cheaper than an anyio cancel scope
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > limit:
