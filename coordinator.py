@@ -141,6 +141,9 @@ class Settings:
     max_subscribers: int = 1000
     sse_heartbeat_interval: float = 30.0
     max_body_bytes: int = 1024 * 1024
+    retention_days: float = 0.0  # 0: keep forever
+    retention_interval: float = 3600.0
+    metrics_enabled: bool = False
     max_json_depth: int = 64
     body_timeout: float = 30.0
     header_timeout: float = 10.0
@@ -148,9 +151,6 @@ class Settings:
     keep_alive_timeout: float = 5.0
     max_connections: int = 2048
     api_token: str | None = None
-    retention_days: float = 0.0  # 0: keep forever
-    retention_interval: float = 3600.0
-    metrics_enabled: bool = False
 
     @property
     def data_dir(self) -> Path:
@@ -203,6 +203,9 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("MAX_SUBSCRIBERS", "max_subscribers", _positive_int),
     ("SSE_HEARTBEAT_INTERVAL", "sse_heartbeat_interval", _positive_float),
     ("MAX_BODY_BYTES", "max_body_bytes", _positive_int),
+    ("RETENTION_DAYS", "retention_days", _non_negative_float),
+    ("RETENTION_INTERVAL", "retention_interval", _positive_float),
+    ("METRICS_ENABLED", "metrics_enabled", _metrics_flag),
     ("MAX_JSON_DEPTH", "max_json_depth", _json_depth),
     ("BODY_TIMEOUT", "body_timeout", _positive_float),
     ("HEADER_TIMEOUT", "header_timeout", _positive_float),
@@ -211,9 +214,6 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("MAX_CONNECTIONS", "max_connections", _positive_int),
     ("COORDINATOR_API_TOKEN", "api_token", _token),
     ("COORDINATOR_API_TOKEN_FILE", "api_token", _token_file),
-    ("RETENTION_DAYS", "retention_days", _non_negative_float),
-    ("RETENTION_INTERVAL", "retention_interval", _positive_float),
-    ("METRICS_ENABLED", "metrics_enabled", _metrics_flag),
 ]
 
 
@@ -302,14 +302,14 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
     except SettingsError as exc:
         sys.exit(f"agent-coordinator: invalid configuration: {exc}")
+    if args.command == "backup":
+        _backup(settings.db_path, args.path)
+        return
     if settings.auth_enabled and settings.api_token is None:
         sys.exit(
             "agent-coordinator: AUTH_ENABLED is set, but Auth0 token validation is not supported:"
             " set COORDINATOR_API_TOKEN (or COORDINATOR_API_TOKEN_FILE) to require a bearer token"
         )
-    if args.command == "backup":
-        _backup(settings.db_path, args.path)
-        return
     log_config = logging_config(settings.log_format == "json", settings.debug_logging)
     logging.config.dictConfig(log_config)
     if settings.api_token is None:
