@@ -80,9 +80,10 @@ class FanoutResult:
     latencies_ms: list[float]
     lost: int
     post_errors: int
+    probed: float | None  # what `probe` returned while every subscriber was still connected
 
 
-async def _fanout(port: int, subscribers: int, rate: float, seconds: float, stalled: int) -> FanoutResult:
+async def _fanout(port: int, subscribers: int, rate: float, seconds: float, stalled: int, probe) -> FanoutResult:
     session_id = "ses_fanout"
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request_bytes("POST", "/sessions", msgspec.json.encode({"session_id": session_id})))
@@ -132,16 +133,18 @@ async def _fanout(port: int, subscribers: int, rate: float, seconds: float, stal
     deadline = time.perf_counter() + 10
     while any(len(s) < total for s in seen) and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)
+    probed = probe() if probe else None
     for task in tasks:
         task.cancel()
     for _, w in posters + stalled_conns + conns:
         w.close()
     lost = sum(total - len(s) for s in seen)
-    return FanoutResult(subscribers, total, latencies, lost, errors)
+    return FanoutResult(subscribers, total, latencies, lost, errors, probed)
 
 
-def fanout(port: int, subscribers: int, rate: float = 200, seconds: float = 5, stalled: int = 0) -> FanoutResult:
-    return asyncio.run(_fanout(port, subscribers, rate, seconds, stalled))
+def fanout(port: int, subscribers: int, rate: float = 200, seconds: float = 5, stalled: int = 0,
+           probe=None) -> FanoutResult:
+    return asyncio.run(_fanout(port, subscribers, rate, seconds, stalled, probe))
 
 
 def main() -> None:

@@ -146,22 +146,24 @@ def main() -> None:
                     r = ingest(server.port, seconds, legacy)
                     assert r.errors == 0, f"{name}: {r.errors} errors on {server.name}"
                     record(name, server, r.rps, r.latencies_ms, r.cpu_share)
+                if server is coordinator:
+                    memory["ingest"] = max(memory.get("ingest", 0), current_rss_mb(coordinator.proc.pid))
                 for name, path in (("read 100 events", "/sessions/ses_100/events"),
                                    ("read 1,000 events", "/sessions/ses_1000/events"),
                                    ("read 1,000 sessions", "/sessions")):
                     r = read(server.port, seconds, path)
                     record(name, server, r.rps, r.latencies_ms, r.cpu_share)
-                if server is coordinator:
-                    memory["ingest"] = rss_mb(coordinator.proc.pid)
                 for k in fan_sizes:
-                    f = fanout(server.port, k, 200, fan_seconds)
+                    before = current_rss_mb(server.proc.pid)
+                    f = fanout(server.port, k, 200, fan_seconds, probe=lambda: current_rss_mb(server.proc.pid))
                     record(f"fan-out {k} subscribers", server, f.posted / fan_seconds, f.latencies_ms, lost=f.lost)
                     if server is coordinator and k == fan_sizes[-1]:
-                        memory["subscribers"] = rss_mb(coordinator.proc.pid)
+                        memory["subscribers"] = max(memory.get("subscribers", 0), f.probed - before)
                 rps, lat = dispatch(server.port, dispatch_runs, 50)
                 record("dispatch latency (50 runs/s)", server, rps, lat)
                 rps, lat = dispatch(server.port, dispatch_runs, None)
                 record("dispatch throughput", server, rps, lat)
+        memory["peak"] = rss_mb(coordinator.proc.pid)
 
     # Growth: the same ingest and read on an empty database and on one with many events.
     for label, events in (("empty", 0), (f"{growth_events:,} events", growth_events)):
@@ -197,8 +199,9 @@ def main() -> None:
         notes = [f"lost {s.lost}" for s in (a, b) if s and s.lost]
         notes += ["load generator saturated"] if any(s and s.saturated for s in (a, b)) else []
         print("| " + " | ".join(cells) + " |" + (f" {'; '.join(notes)}" if notes else ""))
-    print(f"\ncoordinator RSS: idle {memory['idle']:.0f} MB, peak under ingest {memory['ingest']:.0f} MB, "
-          f"peak with {fan_sizes[-1]} subscribers {memory['subscribers']:.0f} MB")
+    print(f"\ncoordinator RSS: idle {memory['idle']:.0f} MB, after ingest {memory['ingest']:.0f} MB, "
+          f"+{memory['subscribers']:.0f} MB while {fan_sizes[-1]} subscribers stream, peak of the whole run "
+          f"{memory['peak']:.0f} MB")
 
 
 if __name__ == "__main__":
