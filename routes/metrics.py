@@ -8,6 +8,8 @@ app has its own registry, so any number of apps can live in one process.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -44,8 +46,16 @@ class Metrics:
             "coordinator_store_write_duration_seconds", "Store writes, from queuing to commit, by verb",
             ["verb"], registry=self.registry,
         )
+        self.claims = prom.Histogram(
+            "coordinator_run_claim_latency_seconds", "From a run's creation to its claim by a runner",
+            registry=self.registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300),
+        )
         self.scraped = _ScrapeTime(state)
         self.registry.register(self.scraped)
+
+    def observe_claim(self, created_at: str, claimed_at: str) -> None:
+        waited = datetime.fromisoformat(claimed_at) - datetime.fromisoformat(created_at)
+        self.claims.observe(max(waited.total_seconds(), 0.0))
 
     def observe_write(self, verb: str, seconds: float) -> None:
         self.writes.labels(verb).observe(seconds)
@@ -59,6 +69,13 @@ class Metrics:
         self.latency.labels(scope["method"], route).observe(seconds)
         if status == 200 and (scope["method"], route) in EVENT_ROUTES:
             self.events.inc()
+
+
+def observe_claim(state, run) -> None:
+    """Record how long a claimed run waited in the queue, when metrics are on."""
+    metrics = getattr(state, "metrics", None)
+    if metrics is not None:
+        metrics.observe_claim(run.created_at, run.claimed_at)
 
 
 def observe_request(scope: dict, status: int, seconds: float) -> None:

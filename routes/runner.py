@@ -12,6 +12,7 @@ from starlette.routing import Route
 from models import RegisterRunner, RunFailed, RunnerReport
 from routes.common import json_response, query_bool, read_body
 from routes.errors import ValidationFailed
+from routes.metrics import observe_claim
 from routes.sessions import publish_session
 from store import runners
 
@@ -60,7 +61,11 @@ async def poll(request: Request):
         outcome = await request.app.state.dispatcher.poll(runner_id, request.receive)
     except runners.UnknownRunner:
         raise HTTPException(401, "Runner not registered") from None
-    return Response(status_code=204) if outcome is None else json_response(outcome)
+    if outcome is None:
+        return Response(status_code=204)
+    if "run" in outcome:
+        observe_claim(request.app.state, outcome["run"])
+    return json_response(outcome)
 
 
 async def _report_run(request: Request, status: str, decoder: msgspec.json.Decoder = _report):

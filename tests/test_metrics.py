@@ -1,7 +1,9 @@
 """GET /metrics on a real server: off by default, then every family from real traffic."""
 
 import time
+from datetime import datetime
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
@@ -62,11 +64,19 @@ def test_metrics_from_real_traffic(make_server):
     assert m[("coordinator_runs", (("status", "pending"),))] == 1
     assert m[("coordinator_runs", (("status", "completed"),))] == 0
     assert m[("coordinator_runners", (("status", "online"),))] == 1
+    assert m[("coordinator_run_claim_latency_seconds_count", ())] == 0
     assert m[("coordinator_runners", (("status", "stale"),))] == 0
 
     writes = "coordinator_store_write_duration_seconds_count"
     assert m[(writes, (("verb", "create_session"),))] == 2
     assert m[(writes, (("verb", "append_event"),))] == 2
+
+    runner_id = srv.post("/runner/register", {**runner, "hostname": "h2"}).json()["runner_id"]
+    claimed = srv.get(f"/runner/runs?runner_id={runner_id}").json()["run"]
+    m = scrape(srv)
+    assert m[("coordinator_run_claim_latency_seconds_count", ())] == 1
+    waited = (datetime.fromisoformat(claimed["claimed_at"]) - datetime.fromisoformat(claimed["created_at"]))
+    assert m[("coordinator_run_claim_latency_seconds_sum", ())] == pytest.approx(waited.total_seconds())
 
     # The WebSocket is counted once it has closed.
     deadline = time.monotonic() + 10
