@@ -2,6 +2,8 @@
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# Few malloc arenas: the reader threads' large transient answers otherwise keep RSS high.
+ENV MALLOC_ARENA_MAX=2
 WORKDIR /app
 
 COPY pyproject.toml setup.cfg README.md ./
