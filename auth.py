@@ -1,7 +1,7 @@
 """Bearer-token authentication, opt-in: a pure ASGI middleware.
 
 With a token configured (`COORDINATOR_API_TOKEN` or `COORDINATOR_API_TOKEN_FILE`), every request
-but `GET /health` must carry `Authorization: Bearer <token>`; the live streams (`/ws`,
+but `GET /health` and the static page `GET /` must carry `Authorization: Bearer <token>`; the live streams (`/ws`,
 `/sse/sessions`) may pass `?api_key=<token>` instead, because browsers cannot set headers on
 WebSockets and EventSource. Without a token every request passes, credentials or not. CORS
 preflights never get here: the CORS middleware, installed outside this one, answers them.
@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
-OPEN_PATHS = {"/health"}
+OPEN_PATHS = {"/health", "/"}  # the live page is static: its data needs the token
 QUERY_KEY_PATHS = {"/ws", "/sse/sessions"}
 
 

@@ -22,8 +22,9 @@ def guarded(make_server):
     return make_server(api_token=TOKEN)
 
 
-def test_every_route_but_health_needs_the_token(guarded):
+def test_every_route_but_health_and_the_page_needs_the_token(guarded):
     assert guarded.get("/health").status_code == 200
+    assert guarded.get("/").status_code == 200  # static HTML; everything it loads needs the token
     missing = guarded.get("/sessions")
     assert (missing.status_code, missing.json()) == (401, {"detail": "Not authenticated"})
     assert missing.headers["www-authenticate"] == "Bearer"

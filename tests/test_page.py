@@ -130,3 +130,19 @@ def test_page_shows_sessions_and_events_live_and_resumes_after_a_drop(server, br
     server.delete("/sessions/ses_other")
     wait_until(lambda: "ses_other" not in browser.text(), "deleted session removed")
     assert browser.exceptions == []
+
+
+def test_page_under_a_token_passes_it_on(make_server, browser):
+    token = "page-token-7c1e"
+    srv = make_server(api_token=token)
+    bearer = {"Authorization": f"Bearer {token}"}
+    srv.post("/sessions", {"session_id": "ses_guarded"}, headers=bearer)
+    srv.post("/sessions/ses_guarded/events", assistant("ses_guarded", "stored under a token", "t1"), headers=bearer)
+
+    browser.call("Page.navigate", url=f"{srv.url}/?api_key={token}#ses_guarded")
+    wait_until(lambda: "stored under a token" in browser.text(), "stored event fetched with the token")
+    wait_until(lambda: srv.state.broadcaster.subscriber_count == 1, "page subscribed with the token")
+    srv.post("/sessions/ses_guarded/events", event("ses_guarded", tool_input={"command": "guarded live"}),
+             headers=bearer)
+    wait_until(lambda: "guarded live" in browser.text(), "live event shown")
+    assert browser.exceptions == []
