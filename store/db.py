@@ -244,6 +244,11 @@ class Database:
                 return
 
     def _run_batch(self, batch: list[_Write]) -> None:
+        # A caller cancelled before its write started gets nothing written (it got no answer);
+        # a running future can no longer be cancelled, so every outcome below can be set.
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
         conn = self._writer_conn
         outcomes: list[tuple[_Write, Any, BaseException | None]] = []
         try:

@@ -113,3 +113,17 @@ def test_concurrent_writes_all_committed_and_visible(db):
     db.close()
     assert _count(connect(db.path), "sessions") == 500
     db.__init__(db.path)  # reopen so the fixture can close it
+
+
+def test_cancelled_write_is_skipped_and_the_writer_keeps_going(db):
+    import threading
+
+    gate = threading.Event()
+    blocker = db.submit(lambda conn: gate.wait(10))  # holds the writer
+    cancelled = db.submit(_insert_session, "ses_cancelled")
+    assert cancelled.cancel()
+    gate.set()
+    blocker.result(timeout=10)
+    assert db.submit(_insert_session, "ses_after").result(timeout=10) == "ses_after"
+    ids = db.read_sync(lambda c: [r[0] for r in c.execute("SELECT session_id FROM sessions")])
+    assert ids == ["ses_after"]
