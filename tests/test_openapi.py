@@ -8,7 +8,7 @@ import requests
 from jsonschema import Draft202012Validator
 from starlette.routing import Route, WebSocketRoute
 
-from test_sessions import assistant, create, event
+from test_sessions import assistant, event
 
 
 @pytest.fixture
