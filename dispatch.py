@@ -103,7 +103,7 @@ class Dispatcher:
     # -- callbacks ----------------------------------------------------------------------
 
     async def session_stopped(self, session_id: str) -> None:
-        """After a `session_stop` via /sessions/{id}/events: deliver callbacks (§5.9). The event
+        """After a `session_stop` via /sessions/{id}/events: deliver the parent callbacks. The event
         is stored whatever happens here, so a failure is logged, not answered."""
         try:
             created = await self.db.write(callbacks.on_session_stop, session_id)

@@ -330,7 +330,7 @@ def create_agent(agents_dir: Path, body: CreateAgent) -> Agent:
 
 
 def update_agent(agents_dir: Path, name: str, body: UpdateAgent) -> Agent:
-    """Apply a PATCH (§7.2 rules) to a readable blueprint; unknown keys in agent.json are kept."""
+    """Apply a PATCH (see README, "Agents API") to a readable blueprint; unknown keys in agent.json are kept."""
     with _lock:
         require_agent(agents_dir, name)
         agent_dir = agents_dir / name

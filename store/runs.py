@@ -18,7 +18,7 @@ from store.stamps import new_run_id, now_ts
 
 RUN_NOT_FOUND = "Run not found"
 PROPERTIES = ("hostname", "project_dir", "executor_type")
-# §6.3: a claim or start older than this is taken as lost when the coordinator restarts.
+# Recovery: a claim or start older than this is taken as lost when the coordinator restarts.
 RECOVERY_AGE_SECONDS = 300
 
 _decode = msgspec.json.decode
@@ -268,7 +268,7 @@ def fail_timed_out_runs(conn: apsw.Connection) -> list[Run]:
 
 
 def recover_runs(conn: apsw.Connection, mode: str) -> dict[str, int]:
-    """Settle the runs a previous process left in flight (§6.3), per RUN_RECOVERY_MODE.
+    """Settle the runs a previous process left in flight, per RUN_RECOVERY_MODE (README, "Restarts").
 
     `stopping` runs get their stop command queued again in every mode, for runners that are
     still registered: the user asked for the stop, and the runner may never have received it.
