@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host or settings.host,
         port=settings.port if args.port is None else args.port,
         ws="websockets-sansio",
+        # Pings keep idle proxies from cutting live subscribers, and close peers that stop answering.
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
         log_config=log_config,
         log_level="debug" if settings.debug_logging else "info",
         access_log=False,  # RequestLog writes the request lines, without query strings
