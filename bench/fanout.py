@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from bench.harness import LOAD_CPU, Server, percentile, pin_to, request_bytes
+from bench.harness import LOAD_CPU, Server, exchange, percentile, pin_to, request_bytes
 
 
 class _Data(msgspec.Struct):
@@ -115,11 +115,9 @@ async def _fanout(port: int, subscribers: int, rate: float, seconds: float, stal
         nonlocal errors
         r, w = posters[seq % len(posters)]
         async with locks[seq % len(posters)]:
-            w.write(request_bytes("POST", f"/sessions/{session_id}/events", event_body(session_id, seq)))
-            head = await r.readuntil(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            await r.readexactly(length)
-            errors += head[9:12] != b"200"
+            status, _ = await exchange(r, w, request_bytes("POST", f"/sessions/{session_id}/events",
+                                                           event_body(session_id, seq)))
+            errors += status != 200
 
     total = int(rate * seconds)
     start = time.perf_counter()
