@@ -145,6 +145,7 @@ class Settings:
     retention_interval: float = 3600.0
     metrics_enabled: bool = False
     max_json_depth: int = 64
+    read_cache_mb: float = 32.0
     body_timeout: float = 30.0
     header_timeout: float = 10.0
     max_header_bytes: int = 64 * 1024
@@ -207,6 +208,7 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("RETENTION_INTERVAL", "retention_interval", _positive_float),
     ("METRICS_ENABLED", "metrics_enabled", _metrics_flag),
     ("MAX_JSON_DEPTH", "max_json_depth", _json_depth),
+    ("READ_CACHE_MB", "read_cache_mb", _non_negative_float),
     ("BODY_TIMEOUT", "body_timeout", _positive_float),
     ("HEADER_TIMEOUT", "header_timeout", _positive_float),
     ("MAX_HEADER_BYTES", "max_header_bytes", _positive_int),
@@ -223,7 +225,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        db = await anyio.to_thread.run_sync(Database, settings.db_path)
+        cache_bytes = int(settings.read_cache_mb * 1024 * 1024)
+        db = await anyio.to_thread.run_sync(Database, settings.db_path, cache_bytes)
         cursor = await db.read(newest_event_id)
         broadcaster = Broadcaster(settings.broadcast_queue_size, cursor, settings.max_subscribers)
         app.state.settings = settings

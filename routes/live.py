@@ -16,7 +16,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from broadcast import Dropped, Message, Subscriber, TooManySubscribers, encode, encode_json
 from routes.common import SQL_INT_MAX, query_bool
-from store import events, sessions
+from store import cache, events, sessions
 
 log = logging.getLogger("coordinator.live")
 
@@ -30,8 +30,8 @@ async def _init_message(request, session_id: str | None) -> Message:
     """All sessions (newest first), or only the filtered one, with the current cursor."""
     cursor = request.app.state.broadcaster.cursor
     if session_id is None:
-        found = await request.app.state.db.read(sessions.list_sessions_json)
-        return encode_json("init", b'{"sessions":%s}' % found, None, cursor)
+        found = await request.app.state.db.read_cached(cache.SESSIONS, sessions.list_sessions_json)
+        return encode_json("init", found, None, cursor)
     one = await request.app.state.db.read(sessions.get_session, session_id)
     return encode("init", {"sessions": [one] if one else []}, session_id, cursor)
 

@@ -10,7 +10,8 @@ from starlette.routing import Route
 from models import BindSession, CreateSession, Event, Session, SessionMetadata
 from routes.common import json_response, query_int, read_body
 from routes.errors import ValidationFailed
-from store import events, sessions
+from store import cache, events, sessions
+from store.errors import NotFound
 
 _create = msgspec.json.Decoder(CreateSession)
 _bind = msgspec.json.Decoder(BindSession)
@@ -31,8 +32,12 @@ def _session_ok(session: Session) -> Response:
 async def list_sessions(request: Request):
     status = request.query_params.get("status")
     limit = query_int(request, "limit", 1)
-    found = await request.app.state.db.read(sessions.list_sessions_json, status, limit)
-    return Response(b'{"sessions":%s}' % found, media_type="application/json")
+    db = request.app.state.db
+    if status is None and limit is None:
+        found = await db.read_cached(cache.SESSIONS, sessions.list_sessions_json)
+    else:
+        found = await db.read(sessions.list_sessions_json, status, limit)
+    return Response(found, media_type="application/json")
 
 
 async def create_session(request: Request):
@@ -130,12 +135,18 @@ async def post_legacy_event(request: Request):
 
 
 async def _events_page(request: Request, known_session: bool) -> Response:
+    session_id = request.path_params["session_id"]
     after = query_int(request, "after", 0)
     limit = query_int(request, "limit", 1, MAX_PAGE)
-    body = await request.app.state.db.read(
-        events.list_events_json, request.path_params["session_id"], after, limit, known_session
-    )
-    return Response(b'{"events":%s}' % body, media_type="application/json")
+    db = request.app.state.db
+    if after is None and limit is None:
+        body = await db.read_cached(cache.events_key(session_id), events.session_events_json, session_id)
+        if body is None and known_session:
+            raise NotFound(sessions.SESSION_NOT_FOUND)
+        body = body or b'{"events":[]}'
+    else:
+        body = await db.read(events.events_page_json, session_id, after, limit, known_session)
+    return Response(body, media_type="application/json")
 
 
 async def list_events(request: Request):

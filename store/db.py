@@ -5,7 +5,8 @@ Every write goes through the single writer thread. It drains whatever writes are
 that write), commits, and only then resolves the callers: a caller that got an answer knows its
 data is committed (group commit: many writes share one fsync). Reads run on per-thread
 connections in anyio's worker threads, each inside its own read transaction (a consistent
-snapshot in WAL mode).
+snapshot in WAL mode). Answers that are read often and change rarely are kept in a `ReadCache`
+that the writer clears as it commits changes to their rows (see `store.cache`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any, Callable, TypeVar
 
 import anyio
 import apsw
+
+from store.cache import ReadCache, install_triggers, take_changed_keys
 
 log = logging.getLogger("coordinator.store")
 
@@ -151,6 +154,13 @@ MIGRATIONS: list[str] = [
         ON CONFLICT (key) DO UPDATE SET value = value + 1;
     END;
     """,
+    # The session list cache moved to memory (store.cache): the counter has no reader left.
+    """
+    DROP TRIGGER IF EXISTS sessions_inserted;
+    DROP TRIGGER IF EXISTS sessions_updated;
+    DROP TRIGGER IF EXISTS sessions_deleted;
+    DELETE FROM meta WHERE key = 'sessions_version';
+    """,
 ]
 
 
@@ -190,11 +200,13 @@ class Database:
     """The store's entry point: `await db.write(verb, ...)` and `await db.read(verb, ...)` run a
     verb (a function taking the connection first) on the right connection and thread."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, cache_bytes: int = 32 * 1024 * 1024):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer_conn = connect(self.path)
         migrate(self._writer_conn)
+        install_triggers(self._writer_conn)
+        self.cache = ReadCache(cache_bytes)
         self._writes: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._local = threading.local()
         self._readers: list[apsw.Connection] = []
@@ -251,6 +263,7 @@ class Database:
             return
         conn = self._writer_conn
         outcomes: list[tuple[_Write, Any, BaseException | None]] = []
+        changed: list[str] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
@@ -263,12 +276,15 @@ class Database:
                 else:
                     outcomes.append((job, result, None))
                 conn.execute("RELEASE write")
+            changed = take_changed_keys(conn)
             conn.execute("COMMIT")
         except Exception as exc:  # the transaction itself failed: nothing in it is committed
             log.exception("write transaction failed")
             if not conn.get_autocommit():
                 conn.execute("ROLLBACK")
             outcomes = [(job, None, exc) for job in batch]
+            changed = []
+        self.cache.drop(changed)  # before any caller hears of the commit
         for job, result, error in outcomes:
             if error is None:
                 job.future.set_result(result)
@@ -296,6 +312,19 @@ class Database:
     async def read(self, fn: Verb[T], *args: Any, **kwargs: Any) -> T:
         """Run a read verb on a worker thread's own connection, in one snapshot."""
         return await anyio.to_thread.run_sync(functools.partial(self.read_sync, fn, *args, **kwargs))
+
+    async def read_cached(self, key: str, fn: Verb[bytes | None], *args: Any) -> bytes | None:
+        """`read` for an encoded answer that `key` names in the cache: served from memory while
+        its rows are unchanged. None (the verb found nothing to answer with) is not kept."""
+        value = self.cache.get(key)
+        if value is not None:
+            return value
+        token = self.cache.start_fill(key)
+        try:
+            value = await self.read(fn, *args)
+        finally:
+            self.cache.fill(key, token, value)  # still None if the read failed
+        return value
 
     # -- lifecycle ----------------------------------------------------------------------
 

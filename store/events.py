@@ -79,25 +79,29 @@ def _json_columns_raw(row: tuple) -> tuple:
     return (*row[:5], _raw(row[5]), _raw(row[6]), *row[7:11], _raw(row[11]))
 
 
-def list_events_json(
-    conn: apsw.Connection,
-    session_id: str,
-    after: int | None = None,
-    limit: int | None = None,
-    require_session: bool = False,
+def _events_document(rows) -> bytes:
+    """The answer of the event list routes: `{"events": [...]}`."""
+    return _encode({"events": [EventRow(*_json_columns_raw(row)) for row in rows]})
+
+
+def session_events_json(conn: apsw.Connection, session_id: str) -> bytes | None:
+    """All of a session's events, by (timestamp, id), as `{"events": [...]}`; None for an
+    unknown session."""
+    if get_session(conn, session_id) is None:
+        return None
+    sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? ORDER BY timestamp, id"
+    return _events_document(conn.execute(sql, (session_id,)))
+
+
+def events_page_json(
+    conn: apsw.Connection, session_id: str, after: int | None, limit: int | None, require_session: bool
 ) -> bytes:
-    """A session's events as a JSON array: all of them by (timestamp, id), or, when paging,
-    those with id > `after`, ascending by id, at most `limit`. NotFound for an unknown
-    session if `require_session`."""
+    """A session's events with id > `after`, ascending by id, at most `limit`, as
+    `{"events": [...]}`. NotFound for an unknown session if `require_session`."""
     if require_session and get_session(conn, session_id) is None:
         raise NotFound(SESSION_NOT_FOUND)
-    if after is None and limit is None:
-        sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? ORDER BY timestamp, id"
-        rows = conn.execute(sql, (session_id,))
-    else:
-        sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?"
-        rows = conn.execute(sql, (session_id, after or 0, -1 if limit is None else limit))
-    return _encode([EventRow(*_json_columns_raw(row)) for row in rows])
+    sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?"
+    return _events_document(conn.execute(sql, (session_id, after or 0, -1 if limit is None else limit)))
 
 
 def newest_event_id(conn: apsw.Connection) -> int:

@@ -32,22 +32,9 @@ def list_sessions(conn: apsw.Connection, status: str | None = None, limit: int |
     return [Session(*row) for row in conn.execute(sql, (*params, -1 if limit is None else limit))]
 
 
-_encode = msgspec.json.encode
-# Per database file: (sessions_version, the full list as JSON). Reads check the version in
-# their own snapshot, so a hit is exactly what a fresh query would return.
-_full_list: dict[str, tuple[int, bytes]] = {}
-
-
 def list_sessions_json(conn: apsw.Connection, status: str | None = None, limit: int | None = None) -> bytes:
-    """`list_sessions` as a JSON array; the unfiltered list is cached until a session changes."""
-    if status is not None or limit is not None:
-        return _encode(list_sessions(conn, status, limit))
-    row = conn.execute("SELECT value FROM meta WHERE key = 'sessions_version'").fetchone()
-    version = row[0] if row else 0
-    cached = _full_list.get(conn.filename)
-    if cached is None or cached[0] != version:
-        cached = _full_list[conn.filename] = (version, _encode(list_sessions(conn)))
-    return cached[1]
+    """`list_sessions` as the answer of `GET /sessions`: `{"sessions": [...]}`."""
+    return msgspec.json.encode({"sessions": list_sessions(conn, status, limit)})
 
 
 def create_session(
