@@ -1,10 +1,11 @@
 """Bearer-token authentication, opt-in: a pure ASGI middleware.
 
-With a token configured (`COORDINATOR_API_TOKEN` or `COORDINATOR_API_TOKEN_FILE`), every request
-but `GET /health` and the static page `GET /` must carry `Authorization: Bearer <token>`; the live streams (`/ws`,
-`/sse/sessions`) may pass `?api_key=<token>` instead, because browsers cannot set headers on
-WebSockets and EventSource. Without a token every request passes, credentials or not. CORS
-preflights never get here: the CORS middleware, installed outside this one, answers them.
+With a token configured (`COORDINATOR_API_TOKEN` or `COORDINATOR_API_TOKEN_FILE`), every
+request but `GET /health` and the static page `GET /` must carry `Authorization: Bearer
+<token>`; the live streams (`/ws`, `/sse/sessions`) may pass `?api_key=<token>` instead, because
+browsers cannot set headers on WebSockets and EventSource. Without a token the middleware is not
+installed: every request passes, credentials or not. CORS preflights never get here: the CORS
+middleware, installed outside this one, answers them.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ QUERY_KEY_PATHS = {"/ws", "/sse/sessions"}
 
 
 class TokenAuth:
-    """The middleware; with `token` None it lets every request through."""
+    """The middleware, installed only when a token is configured."""
 
-    def __init__(self, app, token: str | None):
+    def __init__(self, app, token: str):
         self.app = app
-        self._token = None if token is None else token.encode()
+        self._token = token.encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if self._token is None or scope["type"] not in ("http", "websocket") or _is_open(scope):
+        if scope["type"] not in ("http", "websocket") or _is_open(scope):
             await self.app(scope, receive, send)
             return
         credential = _credential(scope)

@@ -151,6 +151,8 @@ class Broadcaster:
             type_, payload, session_id, event_id = await self._inbox.get()
             if event_id is not None and event_id > self.cursor:
                 self.cursor = event_id
+            if not self._subscribers:
+                continue  # nobody to encode it for
             message = encode(type_, payload, session_id, event_id or self.cursor)
             for subscriber in list(self._subscribers):
                 if subscriber.session_id is not None and subscriber.session_id != session_id:

@@ -257,10 +257,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     request_observers = [log_request, *([metrics.observe_request] if settings.metrics_enabled else [])]
     return Starlette(
         routes=[
-            *health.routes,
             *sessions.routes,
-            *runs.routes,
             *runner.routes,
+            *runs.routes,
+            *health.routes,
             *agents.routes,
             *live.routes,
             *page.routes,
@@ -276,7 +276,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 allow_headers=["*"],
             ),
             # Inside CORS: preflights are answered before it, and its 401s carry CORS headers.
-            Middleware(TokenAuth, token=settings.api_token),
+            *([Middleware(TokenAuth, token=settings.api_token)] if settings.api_token else []),
         ],
         exception_handlers=errors.handlers,
         lifespan=lifespan,

@@ -158,7 +158,12 @@ async def list_legacy_events(request: Request):
     return await _events_page(request, known_session=False)
 
 
+# Starlette tries routes in order: the ones hit on every tool call and dashboard poll first.
 routes = [
+    Route("/sessions/{session_id}/events", post_event, methods=["POST"]),
+    Route("/events", post_legacy_event, methods=["POST"]),
+    Route("/sessions/{session_id}/events", list_events, methods=["GET"]),
+    Route("/events/{session_id}", list_legacy_events, methods=["GET"]),
     Route("/sessions", list_sessions, methods=["GET"]),
     Route("/sessions", create_session, methods=["POST"]),
     Route("/sessions/{session_id}", get_session, methods=["GET"]),
@@ -168,8 +173,4 @@ routes = [
     Route("/sessions/{session_id}/affinity", get_affinity, methods=["GET"]),
     Route("/sessions/{session_id}/bind", bind_session, methods=["POST"]),
     Route("/sessions/{session_id}/metadata", patch_metadata, methods=["PATCH"]),
-    Route("/sessions/{session_id}/events", list_events, methods=["GET"]),
-    Route("/sessions/{session_id}/events", post_event, methods=["POST"]),
-    Route("/events", post_legacy_event, methods=["POST"]),
-    Route("/events/{session_id}", list_legacy_events, methods=["GET"]),
 ]

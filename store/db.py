@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import queue
@@ -187,13 +188,34 @@ def migrate(conn: apsw.Connection) -> int:
 
 
 class _Write:
-    __slots__ = ("fn", "args", "kwargs", "future")
+    """A queued write. Its outcome goes to `future`: an asyncio future, settled on `loop`, for
+    `write`; a concurrent.futures.Future (loop None) for `write_sync` from other threads."""
 
-    def __init__(self, fn: Callable, args: tuple, kwargs: dict):
+    __slots__ = ("fn", "args", "kwargs", "future", "loop")
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, loop: asyncio.AbstractEventLoop | None = None):
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.loop = loop
+        self.future = concurrent.futures.Future() if loop is None else loop.create_future()
+
+    def claim(self) -> bool:
+        """False if the caller gave up (was cancelled) before the write started: then nothing is
+        written, as it got no answer. A claimed concurrent future can no longer be cancelled."""
+        if self.loop is None:
+            return self.future.set_running_or_notify_cancel()
+        return not self.future.cancelled()
+
+
+def _settle(outcomes: list[tuple[_Write, Any, BaseException | None]]) -> None:
+    for job, result, error in outcomes:
+        if job.future.cancelled():  # an asyncio caller cancelled while its write ran
+            continue
+        if error is None:
+            job.future.set_result(result)
+        else:
+            job.future.set_exception(error)
 
 
 class Database:
@@ -218,19 +240,22 @@ class Database:
 
     # -- writes -------------------------------------------------------------------------
 
-    def submit(self, fn: Verb[T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
-        job = _Write(fn, args, kwargs)
-        self._writes.put(job)
-        return job.future
-
     async def write(self, fn: Verb[T], *args: Any, **kwargs: Any) -> T:
         """Run a write verb in the writer thread; returns once its transaction is committed."""
         started = time.perf_counter()
+        job = _Write(fn, args, kwargs, asyncio.get_running_loop())
+        self._writes.put(job)
         try:
-            return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+            return await job.future
         finally:
             if self.on_write is not None:
                 self.on_write(getattr(fn, "__name__", "unnamed"), time.perf_counter() - started)
+
+    def submit(self, fn: Verb[T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        """`write` for callers outside the event loop: the future resolves once committed."""
+        job = _Write(fn, args, kwargs)
+        self._writes.put(job)
+        return job.future
 
     def write_sync(self, fn: Verb[T], *args: Any, **kwargs: Any) -> T:
         return self.submit(fn, *args, **kwargs).result()
@@ -256,9 +281,7 @@ class Database:
                 return
 
     def _run_batch(self, batch: list[_Write]) -> None:
-        # A caller cancelled before its write started gets nothing written (it got no answer);
-        # a running future can no longer be cancelled, so every outcome below can be set.
-        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        batch = [job for job in batch if job.claim()]
         if not batch:
             return
         conn = self._writer_conn
@@ -285,11 +308,16 @@ class Database:
             outcomes = [(job, None, exc) for job in batch]
             changed = []
         self.cache.drop(changed)  # before any caller hears of the commit
-        for job, result, error in outcomes:
-            if error is None:
-                job.future.set_result(result)
+        # One wake-up per event loop for the whole batch; asyncio futures are only settled there.
+        by_loop: dict[asyncio.AbstractEventLoop | None, list] = {}
+        for outcome in outcomes:
+            by_loop.setdefault(outcome[0].loop, []).append(outcome)
+        for loop, settled in by_loop.items():
+            if loop is None:
+                _settle(settled)
             else:
-                job.future.set_exception(error)
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                    loop.call_soon_threadsafe(_settle, settled)
 
     # -- reads --------------------------------------------------------------------------
 

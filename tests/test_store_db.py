@@ -127,3 +127,34 @@ def test_cancelled_write_is_skipped_and_the_writer_keeps_going(db):
     assert db.submit(_insert_session, "ses_after").result(timeout=10) == "ses_after"
     ids = db.read_sync(lambda c: [r[0] for r in c.execute("SELECT session_id FROM sessions")])
     assert ids == ["ses_after"]
+
+
+def test_async_writes_cancelled_before_or_while_running(db):
+    import asyncio
+    import threading
+
+    import anyio
+
+    gate, running = threading.Event(), threading.Event()
+    loop_errors = []
+
+    def held_insert(conn, session_id):
+        running.set()
+        gate.wait(10)
+        return _insert_session(conn, session_id)
+
+    async def scenario():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: loop_errors.append(context))
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(db.write, held_insert, "ses_running")
+            await anyio.to_thread.run_sync(running.wait, 10)
+            with anyio.CancelScope() as queued:
+                queued.cancel()
+                await db.write(_insert_session, "ses_queued")  # queued, cancelled before it starts
+            tasks.cancel_scope.cancel()  # too late for the running one: it commits, nobody is told
+        gate.set()
+        return await db.write(_insert_session, "ses_after")
+
+    assert anyio.run(scenario) == "ses_after"
+    ids = db.read_sync(lambda c: [r[0] for r in c.execute("SELECT session_id FROM sessions ORDER BY 1")])
+    assert (ids, loop_errors) == (["ses_after", "ses_running"], [])
