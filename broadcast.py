@@ -2,7 +2,7 @@
 
 Publishing never waits: it appends to the task's inbox. The task stamps each message with its
 cursor (the stored event id for `event` messages, else the newest event id seen so far),
-encodes it once for both transports, and offers it to every matching subscriber's bounded
+encodes it once (when anyone subscribes), and offers it to every matching subscriber's bounded
 queue. A subscriber whose queue is full is dropped at once (its queue is cleared and it is told
 why); it resumes later from the last cursor it received. So a slow subscriber costs a bounded
 amount of memory and never delays anyone else.
@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -28,33 +27,50 @@ _encoder = msgspec.json.Encoder()
 TYPES = ("init", "session_created", "session_updated", "session_deleted", "event", "run_failed")
 
 
-@dataclass(frozen=True, slots=True)
 class Message:
-    type: str
-    session_id: str | None
-    cursor: int
-    ws_frame: str  # `{"type": ..., **payload}`: the reference's format
-    ws_frame_cursor: str  # the same with `"cursor": <cursor>` last, for resuming clients
-    sse_frame: bytes  # `id: <cursor>\nevent: <type>\ndata: <payload>\n\n`
+    """A message as every kind of subscriber receives it. Each transport's frame is built on
+    first use and then shared by all subscribers of that kind: a message (an `init` of a large
+    session list above all) is never copied per subscriber, nor for a transport nobody uses."""
+
+    __slots__ = ("type", "session_id", "cursor", "payload", "_ws", "_ws_cursor", "_sse")
+
+    def __init__(self, type_: str, session_id: str | None, cursor: int, payload_json: bytes):
+        self.type = type_
+        self.session_id = session_id
+        self.cursor = cursor
+        self.payload = payload_json
+        self._ws: str | None = None
+        self._ws_cursor: str | None = None
+        self._sse: bytes | None = None
+
+    def _ws_bytes(self) -> bytes:
+        body = self.payload[1:-1]
+        return b'{"type":"%s"' % self.type.encode() + (b"," + body if body else b"") + b"}"
+
+    @property
+    def ws_frame(self) -> str:
+        """`{"type": ..., **payload}`: the reference's format."""
+        if self._ws is None:
+            self._ws = self._ws_bytes().decode()
+        return self._ws
+
+    @property
+    def ws_frame_cursor(self) -> str:
+        """The same with `"cursor": <cursor>` last, for resuming clients."""
+        if self._ws_cursor is None:
+            self._ws_cursor = (self._ws_bytes()[:-1] + b',"cursor":%d}' % self.cursor).decode()
+        return self._ws_cursor
+
+    @property
+    def sse_frame(self) -> bytes:
+        """`id: <cursor>\nevent: <type>\ndata: <payload>\n\n`"""
+        if self._sse is None:
+            self._sse = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.cursor, self.type.encode(), self.payload)
+        return self._sse
 
 
 def encode(type_: str, payload: dict[str, Any], session_id: str | None, cursor: int) -> Message:
-    """Encode a message once for every kind of subscriber."""
-    return encode_json(type_, _encoder.encode(payload), session_id, cursor)
-
-
-def encode_json(type_: str, payload_json: bytes, session_id: str | None, cursor: int) -> Message:
-    head = b'{"type":"%s"' % type_.encode()
-    body = payload_json[1:-1]
-    ws = head + (b"," + body if body else b"") + b"}"
-    return Message(
-        type_,
-        session_id,
-        cursor,
-        ws.decode(),
-        (ws[:-1] + b',"cursor":%d}' % cursor).decode(),
-        b"id: %d\nevent: %s\ndata: %s\n\n" % (cursor, type_.encode(), payload_json),
-    )
+    return Message(type_, session_id, cursor, _encoder.encode(payload))
 
 
 class Dropped(Exception):
@@ -118,6 +134,14 @@ class Broadcaster:
         self._inbox: asyncio.Queue[tuple[str, dict, str | None, int | None]] = asyncio.Queue()
         self._subscribers: set[Subscriber] = set()
         self.dropped_total = 0
+        self._init: Message | None = None
+
+    def init_message(self, sessions_json: bytes, cursor: int) -> Message:
+        """The unfiltered `init` (`sessions_json` is `{"sessions": [...]}`): one message, shared
+        by every subscriber that joins while the list and the cursor stay the same."""
+        if self._init is None or self._init.cursor != cursor or self._init.payload != sessions_json:
+            self._init = Message("init", None, cursor, sessions_json)
+        return self._init
 
     @property
     def subscriber_count(self) -> int:

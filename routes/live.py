@@ -14,7 +14,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from broadcast import Dropped, Message, Subscriber, TooManySubscribers, encode, encode_json
+from broadcast import Dropped, Message, Subscriber, TooManySubscribers, encode
 from routes.common import SQL_INT_MAX, query_bool
 from store import cache, events, sessions
 
@@ -28,10 +28,11 @@ CLOSE_POLICY = 1008
 
 async def _init_message(request, session_id: str | None) -> Message:
     """All sessions (newest first), or only the filtered one, with the current cursor."""
-    cursor = request.app.state.broadcaster.cursor
+    broadcaster = request.app.state.broadcaster
+    cursor = broadcaster.cursor
     if session_id is None:
         found = await request.app.state.db.read_cached(cache.SESSIONS, sessions.list_sessions_json)
-        return encode_json("init", found, None, cursor)
+        return broadcaster.init_message(found, cursor)
     one = await request.app.state.db.read(sessions.get_session, session_id)
     return encode("init", {"sessions": [one] if one else []}, session_id, cursor)
 
@@ -48,7 +49,7 @@ async def _replay(request, since: int, session_id: str | None) -> AsyncIterator[
         yield encode("replay_gap", {"since": since, "earliest": earliest}, session_id, since)
     while page:
         for event_id, data in page:
-            yield encode_json("event", b'{"data":%s}' % data, session_id, event_id)
+            yield Message("event", session_id, event_id, b'{"data":%s}' % data)
         after = page[-1][0]
         page = await db.read(events.replay_page, after, session_id, REPLAY_PAGE) if len(page) == REPLAY_PAGE else []
 
