@@ -46,7 +46,11 @@ async def _dispatch(port: int, runs: int, rate: float | None) -> tuple[float, li
     await registered.wait()
     await asyncio.sleep(0.05)  # the polls are on their way: let them park
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    create = request_bytes("POST", "/runs", b'{"type":"start_session","prompt":"benchmark run"}')
+    # Runs resume one session, so the benchmark does not grow the session list other workloads read.
+    await exchange(reader, writer, request_bytes("POST", "/sessions", b'{"session_id":"ses_dispatch"}'))  # 409 later
+    create = request_bytes(
+        "POST", "/runs", b'{"type":"resume_session","session_id":"ses_dispatch","prompt":"benchmark run"}'
+    )
     start = time.perf_counter()
     try:
         for n in range(runs):
