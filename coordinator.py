@@ -12,7 +12,6 @@ import contextlib
 import functools
 import importlib.util
 import logging
-import logging.config
 import os
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ from auth import TokenAuth
 from broadcast import Broadcaster
 from dispatch import Dispatcher
 from http_guard import GuardedHttpProtocol
-from logs import RequestLog, log_request, logging_config
+import logs
+from logs import RequestLog, log_request
 from routes import agents, errors, health, live, metrics, openapi, page, runner, runs, sessions
 from store import backup, retention
 from store.db import Database
@@ -253,6 +253,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 tasks.cancel_scope.cancel()
         finally:
             await anyio.to_thread.run_sync(db.close)
+            await anyio.to_thread.run_sync(logs.flush_request_lines)
 
     request_observers = [log_request, *([metrics.observe_request] if settings.metrics_enabled else [])]
     return Starlette(
@@ -313,8 +314,7 @@ def main(argv: list[str] | None = None) -> None:
             "agent-coordinator: AUTH_ENABLED is set, but Auth0 token validation is not supported:"
             " set COORDINATOR_API_TOKEN (or COORDINATOR_API_TOKEN_FILE) to require a bearer token"
         )
-    log_config = logging_config(settings.log_format == "json", settings.debug_logging)
-    logging.config.dictConfig(log_config)
+    logs.configure(settings.log_format == "json", settings.debug_logging)
     if settings.api_token is None:
         log.warning("authentication is off: whoever can reach the port can use the API")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         # Pings keep idle proxies from cutting live subscribers, and close peers that stop answering.
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
-        log_config=log_config,
+        log_config=None,  # configured above
         log_level="debug" if settings.debug_logging else "info",
         access_log=False,  # RequestLog writes the request lines, without query strings
         timeout_graceful_shutdown=10,

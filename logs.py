@@ -10,6 +10,9 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import logging.config
+import logging.handlers
+import queue
 import time
 from typing import Any, Callable, Iterable
 
@@ -76,6 +79,41 @@ def logging_config(json_lines: bool, debug: bool) -> dict[str, Any]:
             name: {"handlers": [], "propagate": True} for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
         },
     }
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """Queues records as they are: the listener's thread formats them as it writes them."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+_request_lines: logging.handlers.QueueListener | None = None
+
+
+def configure(json_lines: bool, debug: bool) -> None:
+    """Set up logging for the server process (`logging_config`). Request lines, one per
+    request, are formatted and written by a thread of their own behind a queue, so the event
+    loop neither formats them nor waits on stderr (which may be a slow pipe)."""
+    global _request_lines
+    # No format uses the process, the thread or the calling line: do not compute them for every
+    # record (the logging HOWTO's "Optimization" switches).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
+    logging.config.dictConfig(logging_config(json_lines, debug))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _request_lines = logging.handlers.QueueListener(records, *logging.getLogger().handlers)
+    access_log.handlers = [_Enqueue(records)]
+    access_log.propagate = False
+    _request_lines.start()
+
+
+def flush_request_lines() -> None:
+    """Write every queued request line now. Called as the app shuts down: the process may end
+    by a signal right after, and must not take the last lines with it."""
+    if _request_lines is not None:
+        _request_lines.stop()  # drains the queue
+        _request_lines.start()
 
 
 def log_request(scope: dict, status: int, seconds: float) -> None:

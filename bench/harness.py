@@ -54,7 +54,8 @@ def current_rss_mb(pid: int) -> float:
 
 @dataclass
 class Server:
-    """A server process: the coordinator (`limit=False`) or the bare limit app."""
+    """A server process: the coordinator (`limit=False`), started the way `python -m coordinator`
+    starts it (its settings from the environment), or the bare limit app."""
 
     limit: bool = False
     env: dict = field(default_factory=dict)
@@ -65,17 +66,22 @@ class Server:
     def start(self) -> Server:
         self.port = free_port()
         self.project_dir = self.project_dir or Path(tempfile.mkdtemp(prefix="bench-"))
-        app = "bench.limit_app:app" if self.limit else "coordinator:create_app"
+        if self.limit:
+            serve = ("uvicorn.run('bench.limit_app:app', host='127.0.0.1', port=int(sys.argv[3]),"
+                     " log_level='warning', ws='websockets-sansio')")
+        else:
+            serve = "from coordinator import main; main(['--host', '127.0.0.1', '--port', sys.argv[3]])"
         code = (
             "import sys, uvicorn; sys.path[:0] = [sys.argv[1]];"
-            "from bench.harness import pin_to; pin_to(int(sys.argv[2]));"
-            f"uvicorn.run({app!r}, factory={not self.limit}, host='127.0.0.1', port=int(sys.argv[3]),"
-            " log_level='warning', ws='websockets-sansio')"
+            "from bench.harness import pin_to; pin_to(int(sys.argv[2]));" + serve
         )
         env = {**os.environ, "AGENT_ORCHESTRATOR_PROJECT_DIR": str(self.project_dir), **self.env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(ROOT), str(SERVER_CPU), str(self.port)], env=env, cwd=ROOT
-        )
+        # The coordinator logs every request, as it does in production: into a file here.
+        with open(self.project_dir / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code, str(ROOT), str(SERVER_CPU), str(self.port)],
+                env=env, cwd=ROOT, stderr=log,
+            )
         deadline = time.monotonic() + 30
         while True:
             try:

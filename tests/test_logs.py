@@ -73,7 +73,8 @@ def test_json_lines_one_per_request_without_secrets(tmp_path):
         with connect(url.replace("http", "ws") + f"/ws?api_key={SECRET}") as ws:
             ws.recv(timeout=10)
         lines.wait_for(r'"path": "/ws"')
-        proc.send_signal(signal.SIGTERM)
+        assert requests.get(url + "/health", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)  # the last request line is still written
         output = lines.rest()
         assert proc.wait(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
     finally:
@@ -96,6 +97,7 @@ def test_json_lines_one_per_request_without_secrets(tmp_path):
         ("POST", "/sessions/s/events", 200),
         ("GET", "/nowhere", 404),
         ("WS", "/ws", 101),
+        ("GET", "/health", 200),
     ]
     durations = [r["duration_ms"] for r in records if r["logger"] == "coordinator.access"]
     assert all(isinstance(d, float) and d >= 0 for d in durations)
