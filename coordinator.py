@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import importlib.util
 import logging
 import os
@@ -321,8 +322,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
+    app = create_app(settings)
+    # What is loaded by now lives as long as the process: full collections need not scan it
+    # again (they took ~30 ms instead of ~5 with 200 live subscribers, pausing every one).
+    gc.freeze()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=args.host or settings.host,
         port=settings.port if args.port is None else args.port,
         ws="websockets-sansio",
