@@ -16,8 +16,8 @@ MAX_ROUNDS = 500  # per thread, whatever the machine's speed
 
 class Worker:
     """One client thread: creates its own sessions, posts events into them (legacy route too),
-    patches their metadata, deletes some, and reads all the while. Remembers what was
-    acknowledged."""
+    reads them back, patches their metadata, deletes some, and reads others' all the while.
+    Remembers what was acknowledged."""
 
     def __init__(self, url: str, index: int, deadline: float):
         self.url, self.index, self.deadline = url, index, deadline
@@ -27,6 +27,7 @@ class Worker:
         self.events: dict[str, list[int]] = defaultdict(list)  # session -> markers acknowledged
         self.agent_name: dict[str, str] = {}  # session -> last acknowledged patch
         self.statuses: list[int] = []
+        self.stale: list[tuple[str, list[int]]] = []  # event lists missing acknowledged events
 
     def call(self, method: str, path: str, **kwargs) -> requests.Response:
         response = self.http.request(method, self.url + path, timeout=30, **kwargs)
@@ -55,6 +56,12 @@ class Worker:
                 body = event(sid, tool_input={"m": marker})
                 if self.call("POST", f"/sessions/{sid}/events", json=body).status_code == 200:
                     self.events[sid].append(marker)
+            # Read-your-writes through the cached whole list: only this thread writes to `sid`.
+            listed = self.call("GET", f"/sessions/{sid}/events")
+            if listed.status_code == 200:
+                markers = sorted(e["tool_input"]["m"] for e in listed.json()["events"])
+                if markers != sorted(self.events[sid]):
+                    self.stale.append((sid, markers))
             patched = self.call("PATCH", f"/sessions/{sid}/metadata", json={"agent_name": f"agent-{n}"})
             if patched.status_code == 200:
                 self.agent_name[sid] = f"agent-{n}"
@@ -79,6 +86,7 @@ def test_concurrent_writers_and_readers_lose_nothing(server):
     assert len(statuses) > THREADS * 20, "the load never got going"
     assert all(s < 500 for s in statuses), sorted(set(statuses))
     assert set(statuses) <= {200}  # nobody's write or read conflicted with another's
+    assert [stale for w in workers for stale in w.stale] == []
 
     stored = {s["session_id"]: s for s in server.get("/sessions").json()["sessions"]}
     for w in workers:
