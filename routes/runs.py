@@ -13,7 +13,7 @@ from models import CreateRun
 from routes.common import json_response, read_body
 from routes.errors import ValidationFailed
 from routes.sessions import publish_session
-from store import runs
+from store import runners, runs
 from store.agents import read_agent
 from store.stamps import new_session_id
 
@@ -44,12 +44,19 @@ async def create_run(request: Request):
         demands=runs.merge_demands(await _blueprint_demands(request, body.agent_name), additional),
     )
     settings = request.app.state.settings
-    run, session = await request.app.state.db.write(
-        runs.create_run, run, no_match_timeout=settings.run_no_match_timeout
+    dispatcher = request.app.state.dispatcher
+    run, session, claimed = await request.app.state.db.write(
+        runners.create_run_for_waiting,
+        run,
+        no_match_timeout=settings.run_no_match_timeout,
+        waiting=dispatcher.idle_runners(),
     )
     if session is not None:
         publish_session(request, "session_created", session)
-    request.app.state.dispatcher.wake()
+    if claimed is not None:
+        await dispatcher.hand_over(*claimed)
+    if claimed is None or claimed[1].run_id != run.run_id:  # the new run is still pending
+        dispatcher.wake()
     return json_response({"run_id": run.run_id, "session_id": run.session_id, "status": run.status})
 
 

@@ -6,7 +6,7 @@ Registrations live in SQLite, so a runner keeps its id across coordinator restar
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Sequence
 
 import apsw
 import msgspec
@@ -136,6 +136,20 @@ def next_for_runner(conn: apsw.Connection, runner_id: str) -> dict[str, Any] | N
         return {"deregistered": True}
     run = runs.claim_run(conn, runner)
     return {"run": run} if run else None
+
+
+def create_run_for_waiting(
+    conn: apsw.Connection, run: Run, *, no_match_timeout: float, waiting: Sequence[str]
+) -> tuple[Run, Session | None, tuple[str, Run] | None]:
+    """`runs.create_run`, then, in the same transaction, a claim by the first of the `waiting`
+    runners (parked on a poll) that can take a pending run: (runner id, claimed run) comes back
+    third, else None. One commit thus queues a run and hands it out."""
+    created, session = runs.create_run(conn, run, no_match_timeout=no_match_timeout)
+    for runner_id in waiting:
+        runner = get_runner(conn, runner_id)
+        if runner is not None and (claimed := runs.claim_run(conn, runner)):
+            return created, session, (runner_id, claimed)
+    return created, session, None
 
 
 def report(

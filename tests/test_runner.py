@@ -341,3 +341,37 @@ def test_started_resume_run_links_the_session_to_its_parent(server):
     assert runner.report(resume_id, "started").status_code == 200
     session = server.get(f"/sessions/{child['session_id']}").json()["session"]
     assert session["parent_session_id"] == parent["session_id"]
+
+
+def test_a_parked_poll_is_handed_the_new_run_in_the_same_commit(server):
+    runner = registered(server)
+    poll = PollInThread(runner)
+    wait_for(lambda: server.state.dispatcher.idle_runners() == [runner.runner_id], what="a parked poll")
+    writes = []
+    server.state.db.on_write = lambda verb, seconds: writes.append(verb)
+    created = start_run(server)
+    response, _ = poll.result()
+    assert response.status_code == 200
+    run = response.json()["run"]
+    assert (run["run_id"], run["status"], run["runner_id"]) == (created["run_id"], "claimed", runner.runner_id)
+    assert writes == ["create_run_for_waiting"]  # queued and claimed in one transaction
+
+
+def test_a_run_claimed_for_a_poll_that_left_meanwhile_goes_back(server):
+    runner = registered(server)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(f"GET /runner/runs?runner_id={runner.runner_id} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        wait_for(lambda: server.state.dispatcher.idle_runners() == [runner.runner_id], what="a parked poll")
+        # Hold the writer: the run is offered to the parked poll, but commits only after it left.
+        gate = threading.Event()
+        server.state.db.submit(lambda conn: gate.wait(10))
+        creating = threading.Thread(target=lambda: created.append(start_run(server)))
+        created = []
+        creating.start()
+        wait_for(lambda: server.state.db._writes.qsize() == 1, what="the run's write to be queued")
+    wait_for(lambda: runner.runner_id not in server.state.dispatcher._waiters, what="the poll to end")
+    gate.set()
+    creating.join(timeout=10)
+    run = server.get(f"/runs/{created[0]['run_id']}").json()
+    assert (run["status"], run["runner_id"], run["claimed_at"]) == ("pending", None, None)
+    assert runner.next_run()["run_id"] == created[0]["run_id"]
