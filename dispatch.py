@@ -70,7 +70,7 @@ class Dispatcher:
                 waiter.event.set()
 
     def idle_runners(self) -> list[str]:
-        """Runners with a poll parked right now, longest waiting first."""
+        """Runners with a poll parked right now, in the order they began polling."""
         return [runner_id for runner_id, group in self._waiters.items() if any(w.idle for w in group)]
 
     async def hand_over(self, runner_id: str, run: Run) -> None:

@@ -189,7 +189,7 @@ def migrate(conn: apsw.Connection) -> int:
 
 class _Write:
     """A queued write. Its outcome goes to `future`: an asyncio future, settled on `loop`, for
-    `write`; a concurrent.futures.Future (loop None) for `write_sync` from other threads."""
+    `write`; a concurrent.futures.Future (loop None) for `submit` from other threads."""
 
     __slots__ = ("fn", "args", "kwargs", "future", "loop")
 
