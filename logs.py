@@ -7,6 +7,7 @@ carry `api_key`), headers or bodies (event contents stay out of the logs).
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -81,14 +82,44 @@ def logging_config(json_lines: bool, debug: bool) -> dict[str, Any]:
     }
 
 
-class _Enqueue(logging.handlers.QueueHandler):
-    """Queues records as they are: the listener's thread formats them as it writes them."""
+class _Batches(logging.handlers.QueueHandler):
+    """Queues request records as they are (the listener's thread formats them), gathered into
+    one batch per turn of the event loop: waking the thread for each request would cost more
+    than writing its line. A record logged outside an event loop is queued on its own."""
+
+    def __init__(self, records: queue.SimpleQueue) -> None:
+        super().__init__(records)
+        self._batch: list[logging.LogRecord] = []
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         return record
 
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.queue.put_nowait([record])
+            return
+        if not self._batch:
+            loop.call_soon(self.flush)
+        self._batch.append(record)
 
-_request_lines: logging.handlers.QueueListener | None = None
+    def flush(self) -> None:
+        """Queue the batch now (also called by `logging.shutdown` at exit)."""
+        batch, self._batch = self._batch, []
+        if batch:
+            self.queue.put_nowait(batch)
+
+
+class _BatchListener(logging.handlers.QueueListener):
+    """Writes each queued batch, record by record, through the configured handlers."""
+
+    def handle(self, batch: list[logging.LogRecord]) -> None:
+        for record in batch:
+            super().handle(record)
+
+
+_request_lines: _BatchListener | None = None
 
 
 def configure(json_lines: bool, debug: bool) -> None:
@@ -101,17 +132,19 @@ def configure(json_lines: bool, debug: bool) -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
     logging.config.dictConfig(logging_config(json_lines, debug))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _request_lines = logging.handlers.QueueListener(records, *logging.getLogger().handlers)
-    access_log.handlers = [_Enqueue(records)]
+    batches: queue.SimpleQueue[list[logging.LogRecord]] = queue.SimpleQueue()
+    _request_lines = _BatchListener(batches, *logging.getLogger().handlers)
+    access_log.handlers = [_Batches(batches)]
     access_log.propagate = False
     _request_lines.start()
 
 
 def flush_request_lines() -> None:
-    """Write every queued request line now. Called as the app shuts down: the process may end
-    by a signal right after, and must not take the last lines with it."""
+    """Write every request line logged so far now. Called as the app shuts down: the process
+    may end by a signal right after, and must not take the last lines with it."""
     if _request_lines is not None:
+        for handler in access_log.handlers:
+            handler.flush()
         _request_lines.stop()  # drains the queue
         _request_lines.start()
 

@@ -115,3 +115,31 @@ def test_request_lines_in_text_format(server, caplog):
     assert record.getMessage().startswith("GET /sessions/missing 404 ")
     assert record.getMessage().endswith("ms")
     assert SECRET not in record.getMessage()
+
+
+def test_request_lines_batched_per_loop_turn_are_all_written_in_order():
+    # Lines logged in one turn of the event loop go to the writer thread together; one logged
+    # outside any loop goes on its own; a batch still waiting for its turn is written on flush.
+    script = """
+import asyncio, sys, logs
+logs.configure(False, False)
+
+async def main():
+    for n in range(100):
+        logs.access_log.info("turn one %d", n)
+    await asyncio.sleep(0)
+    logs.access_log.info("turn two")
+    logs.flush_request_lines()  # before the turn ends, as at shutdown
+    print("x: flushed", file=sys.stderr, flush=True)
+
+asyncio.run(main())
+logs.access_log.info("outside a loop")
+logs.flush_request_lines()
+print("x: flushed", file=sys.stderr, flush=True)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    messages = [line.split(": ", 1)[1] for line in done.stderr.splitlines()]
+    expected = [f"turn one {n}" for n in range(100)] + ["turn two", "flushed", "outside a loop", "flushed"]
+    assert messages == expected
