@@ -82,10 +82,14 @@ def logging_config(json_lines: bool, debug: bool) -> dict[str, Any]:
     }
 
 
+# Request lines wait up to this long for the ones after them, then are written together.
+FLUSH_SECONDS = 0.01
+
+
 class _Batches(logging.handlers.QueueHandler):
     """Queues request records as they are (the listener's thread formats them), gathered into
-    one batch per turn of the event loop: waking the thread for each request would cost more
-    than writing its line. A record logged outside an event loop is queued on its own."""
+    a batch for up to FLUSH_SECONDS: waking the thread for each request would cost more than
+    writing its line. A record logged outside an event loop is queued on its own."""
 
     def __init__(self, records: queue.SimpleQueue) -> None:
         super().__init__(records)
@@ -101,7 +105,7 @@ class _Batches(logging.handlers.QueueHandler):
             self.queue.put_nowait([record])
             return
         if not self._batch:
-            loop.call_soon(self.flush)
+            loop.call_later(FLUSH_SECONDS, self.flush)
         self._batch.append(record)
 
     def flush(self) -> None:
@@ -112,11 +116,22 @@ class _Batches(logging.handlers.QueueHandler):
 
 
 class _BatchListener(logging.handlers.QueueListener):
-    """Writes each queued batch, record by record, through the configured handlers."""
+    """Writes each queued batch through the configured (stream) handlers, with one write per
+    handler: the thread takes the interpreter lock once per batch, not once per line."""
 
     def handle(self, batch: list[logging.LogRecord]) -> None:
-        for record in batch:
-            super().handle(record)
+        for handler in self.handlers:
+            try:
+                text = "".join(
+                    handler.format(record) + handler.terminator
+                    for record in batch
+                    if record.levelno >= handler.level and handler.filter(record)
+                )
+                with handler.lock:
+                    handler.stream.write(text)
+                    handler.flush()
+            except Exception:
+                handler.handleError(batch[0])
 
 
 _request_lines: _BatchListener | None = None

@@ -117,19 +117,19 @@ def test_request_lines_in_text_format(server, caplog):
     assert SECRET not in record.getMessage()
 
 
-def test_request_lines_batched_per_loop_turn_are_all_written_in_order():
-    # Lines logged in one turn of the event loop go to the writer thread together; one logged
-    # outside any loop goes on its own; a batch still waiting for its turn is written on flush.
+def test_request_lines_waiting_to_be_written_are_all_written_in_order():
+    # Lines logged on the event loop wait to go to the writer thread together; flushing (as at
+    # shutdown) writes those still waiting; a line logged outside any loop goes on its own.
     script = """
 import asyncio, sys, logs
 logs.configure(False, False)
 
 async def main():
     for n in range(100):
-        logs.access_log.info("turn one %d", n)
+        logs.access_log.info("waiting %d", n)
     await asyncio.sleep(0)
-    logs.access_log.info("turn two")
-    logs.flush_request_lines()  # before the turn ends, as at shutdown
+    logs.access_log.info("waiting too")
+    logs.flush_request_lines()  # as at shutdown
     print("x: flushed", file=sys.stderr, flush=True)
 
 asyncio.run(main())
@@ -141,5 +141,5 @@ print("x: flushed", file=sys.stderr, flush=True)
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
     )
     messages = [line.split(": ", 1)[1] for line in done.stderr.splitlines()]
-    expected = [f"turn one {n}" for n in range(100)] + ["turn two", "flushed", "outside a loop", "flushed"]
+    expected = [f"waiting {n}" for n in range(100)] + ["waiting too", "flushed", "outside a loop", "flushed"]
     assert messages == expected
