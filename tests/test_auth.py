@@ -188,6 +188,7 @@ def test_process_with_token_file_keeps_the_token_out_of_its_log(tmp_path):
         with pytest.raises(InvalidStatus):
             connect(ws_url + f"/ws?api_key={TOKEN}wrong")
         assert proc.get(f"/sessions?api_key={TOKEN}").status_code == 401
+        proc.stop()  # a graceful stop writes the request lines still waiting to be written
     log = proc.log()
     assert "/sse/sessions" in log and "/ws" in log  # requests are logged, tokens are not
     assert TOKEN not in log
