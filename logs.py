@@ -24,25 +24,53 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 Observer = Callable[[dict, int, float], None]
 
 
+_second: tuple[int, str] = (-1, "")
+
+
+def clock_text(created: float) -> str:
+    """`2026-11-24 20:51:15,838` in local time, as `logging.Formatter` writes it; the part up to
+    the second is computed once per second."""
+    global _second
+    whole = int(created)
+    second, text = _second
+    if whole != second:
+        text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(whole))
+        _second = (whole, text)
+    return f"{text},{int((created - whole) * 1000):03d}"
+
+
+def json_line(created: float, level: str, logger: str, message: str, extra: dict[str, Any]) -> str:
+    line: dict[str, Any] = {
+        "time": datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
+        "level": level,
+        "logger": logger,
+        "message": message,
+    }
+    line.update(extra)
+    return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, with the time written by `clock_text`."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return clock_text(record.created)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, the record's `fields` (if
     any), and the formatted exception."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
-                timespec="milliseconds"
-            ),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        line.update(getattr(record, "fields", {}))
+        extra = dict(getattr(record, "fields", {}))
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+            extra["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
-            line["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(line, default=str)
+            extra["stack"] = self.formatStack(record.stack_info)
+        return json_line(record.created, record.levelname, record.name, record.getMessage(), extra)
 
 
 class _NoWebSocketHandshakes(logging.Filter):
@@ -60,7 +88,7 @@ class _NoWebSocketHandshakes(logging.Filter):
 def logging_config(json_lines: bool, debug: bool) -> dict[str, Any]:
     """A `logging.config.dictConfig` for our loggers and uvicorn's alike: everything goes to
     stderr through one handler, as text or as JSON lines."""
-    formatter = {"()": JsonFormatter} if json_lines else {"format": TEXT_FORMAT}
+    formatter = {"()": JsonFormatter if json_lines else TextFormatter}
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -85,72 +113,79 @@ def logging_config(json_lines: bool, debug: bool) -> dict[str, Any]:
 # Request lines wait up to this long for the ones after them, then are written together.
 FLUSH_SECONDS = 0.01
 
+# What a request line says: time, method, path, status, duration in ms.
+RequestLine = tuple[float, str, str, int, float]
 
-class _Batches(logging.handlers.QueueHandler):
-    """Queues request records as they are (the listener's thread formats them), gathered into
-    a batch for up to FLUSH_SECONDS: waking the thread for each request would cost more than
-    writing its line. A record logged outside an event loop is queued on its own."""
 
-    def __init__(self, records: queue.SimpleQueue) -> None:
-        super().__init__(records)
-        self._batch: list[logging.LogRecord] = []
+def _message(method: str, path: str, status: int, duration_ms: float) -> str:
+    return f"{method} {path} {status} {duration_ms:.1f}ms"
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
 
-    def enqueue(self, record: logging.LogRecord) -> None:
+def text_request_line(created: float, method: str, path: str, status: int, duration_ms: float) -> str:
+    message = _message(method, path, status, duration_ms)
+    return TEXT_FORMAT % {
+        "asctime": clock_text(created), "levelname": "INFO", "name": access_log.name, "message": message,
+    }
+
+
+def json_request_line(created: float, method: str, path: str, status: int, duration_ms: float) -> str:
+    fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms}
+    return json_line(created, "INFO", access_log.name, _message(method, path, status, duration_ms), fields)
+
+
+class _RequestLines(logging.handlers.QueueListener):
+    """The request lines of the serving process. On the event loop a request only adds what
+    its line says to a batch (creating and dispatching a LogRecord cost more than routing the
+    request); the batch waits up to FLUSH_SECONDS for the lines after it, then this listener's
+    thread formats it and writes it with one write per handler. Lines are INFO, which every
+    level passes, and the handlers' filter concerns only uvicorn's records."""
+
+    def __init__(self, json_lines: bool, handlers: Iterable[logging.Handler]) -> None:
+        super().__init__(queue.SimpleQueue(), *handlers)
+        self._format = json_request_line if json_lines else text_request_line
+        self._batch: list[RequestLine] = []
+
+    def add(self, line: RequestLine) -> None:
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.queue.put_nowait([record])
+        except RuntimeError:  # outside an event loop: on its own
+            self.queue.put_nowait([line])
             return
         if not self._batch:
             loop.call_later(FLUSH_SECONDS, self.flush)
-        self._batch.append(record)
+        self._batch.append(line)
 
     def flush(self) -> None:
-        """Queue the batch now (also called by `logging.shutdown` at exit)."""
+        """Queue the batch now."""
         batch, self._batch = self._batch, []
         if batch:
             self.queue.put_nowait(batch)
 
-
-class _BatchListener(logging.handlers.QueueListener):
-    """Writes each queued batch through the configured (stream) handlers, with one write per
-    handler: the thread takes the interpreter lock once per batch, not once per line."""
-
-    def handle(self, batch: list[logging.LogRecord]) -> None:
+    def handle(self, batch: list[RequestLine]) -> None:
+        text = "".join(self._format(*line) + "\n" for line in batch)
         for handler in self.handlers:
             try:
-                text = "".join(
-                    handler.format(record) + handler.terminator
-                    for record in batch
-                    if record.levelno >= handler.level and handler.filter(record)
-                )
                 with handler.lock:
                     handler.stream.write(text)
                     handler.flush()
             except Exception:
-                handler.handleError(batch[0])
+                handler.handleError(logging.makeLogRecord({"name": access_log.name, "msg": text}))
 
 
-_request_lines: _BatchListener | None = None
+_request_lines: _RequestLines | None = None
 
 
 def configure(json_lines: bool, debug: bool) -> None:
-    """Set up logging for the server process (`logging_config`). Request lines, one per
-    request, are formatted and written by a thread of their own behind a queue, so the event
-    loop neither formats them nor waits on stderr (which may be a slow pipe)."""
+    """Set up logging for the server process (`logging_config`), and request lines written by a
+    thread of their own (`_RequestLines`): the event loop neither formats them nor waits on
+    stderr (which may be a slow pipe)."""
     global _request_lines
     # No format uses the process, the thread or the calling line: do not compute them for every
     # record (the logging HOWTO's "Optimization" switches).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
     logging.config.dictConfig(logging_config(json_lines, debug))
-    batches: queue.SimpleQueue[list[logging.LogRecord]] = queue.SimpleQueue()
-    _request_lines = _BatchListener(batches, *logging.getLogger().handlers)
-    access_log.handlers = [_Batches(batches)]
-    access_log.propagate = False
+    _request_lines = _RequestLines(json_lines, logging.getLogger().handlers)
     _request_lines.start()
 
 
@@ -158,8 +193,7 @@ def flush_request_lines() -> None:
     """Write every request line logged so far now. Called as the app shuts down: the process
     may end by a signal right after, and must not take the last lines with it."""
     if _request_lines is not None:
-        for handler in access_log.handlers:
-            handler.flush()
+        _request_lines.flush()
         _request_lines.stop()  # drains the queue
         _request_lines.start()
 
@@ -167,13 +201,15 @@ def flush_request_lines() -> None:
 def log_request(scope: dict, status: int, seconds: float) -> None:
     method = "WS" if scope["type"] == "websocket" else scope["method"]
     duration_ms = round(seconds * 1000, 3)
+    path = scope["path"]
+    if _request_lines is not None:
+        _request_lines.add((time.time(), method, path, status, duration_ms))
+        return
+    # Not set up for serving (the app embedded elsewhere, tests): an ordinary record.
     access_log.info(
-        "%s %s %d %.1fms",
-        method,
-        scope["path"],
-        status,
-        duration_ms,
-        extra={"fields": {"method": method, "path": scope["path"], "status": status, "duration_ms": duration_ms}},
+        "%s",
+        _message(method, path, status, duration_ms),
+        extra={"fields": {"method": method, "path": path, "status": status, "duration_ms": duration_ms}},
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import requests
 from websockets.sync.client import connect
 
+import logs
 from test_sessions import event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,18 +123,22 @@ def test_request_lines_waiting_to_be_written_are_all_written_in_order():
     # shutdown) writes those still waiting; a line logged outside any loop goes on its own.
     script = """
 import asyncio, sys, logs
+
+def answered(n):
+    logs.log_request({"type": "http", "method": "GET", "path": f"/waiting/{n}"}, 200, 0.00125)
+
 logs.configure(False, False)
 
 async def main():
     for n in range(100):
-        logs.access_log.info("waiting %d", n)
+        answered(n)
     await asyncio.sleep(0)
-    logs.access_log.info("waiting too")
+    answered(100)
     logs.flush_request_lines()  # as at shutdown
     print("x: flushed", file=sys.stderr, flush=True)
 
 asyncio.run(main())
-logs.access_log.info("outside a loop")
+answered(101)
 logs.flush_request_lines()
 print("x: flushed", file=sys.stderr, flush=True)
 """
@@ -141,5 +146,44 @@ print("x: flushed", file=sys.stderr, flush=True)
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
     )
     messages = [line.split(": ", 1)[1] for line in done.stderr.splitlines()]
-    expected = [f"waiting {n}" for n in range(100)] + ["waiting too", "flushed", "outside a loop", "flushed"]
+    lines = [f"GET /waiting/{n} 200 1.2ms" for n in range(102)]
+    expected = lines[:101] + ["flushed", lines[101], "flushed"]
     assert messages == expected
+
+
+def _access_record(created: float) -> logging.LogRecord:
+    fields = {"method": "POST", "path": "/sessions/s/events", "status": 201, "duration_ms": 0.875}
+    message = "POST /sessions/s/events 201 0.9ms"
+    record = logs.access_log.makeRecord(
+        logs.access_log.name, logging.INFO, "", 0, message, (), None, extra={"fields": fields}
+    )
+    record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+    return record
+
+
+# Around second boundaries, so that the time written once per second is checked too.
+TIMES = [1764012345.0, 1764012345.0004, 1764012345.9996, 1764012346.5, 1764012346.999]
+
+
+def test_text_lines_keep_the_standard_logging_time():
+    for created in TIMES:
+        record = _access_record(created)
+        assert logs.TextFormatter().format(record) == logging.Formatter(logs.TEXT_FORMAT).format(record)
+
+
+def test_request_lines_read_like_every_other_record():
+    # Request lines are written without a LogRecord: they must come out as one would have.
+    for created in TIMES:
+        line = ("POST", "/sessions/s/events", 201, 0.875)
+        assert logs.text_request_line(created, *line) == logs.TextFormatter().format(_access_record(created))
+        assert logs.json_request_line(created, *line) == logs.JsonFormatter().format(_access_record(created))
+    assert json.loads(logs.json_request_line(TIMES[0], *line)) == {
+        "time": "2025-11-24T19:25:45.000+00:00",
+        "level": "INFO",
+        "logger": "coordinator.access",
+        "message": "POST /sessions/s/events 201 0.9ms",
+        "method": "POST",
+        "path": "/sessions/s/events",
+        "status": 201,
+        "duration_ms": 0.875,
+    }
