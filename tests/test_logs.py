@@ -106,7 +106,27 @@ def test_json_lines_one_per_request_without_secrets(tmp_path):
     assert SECRET not in text and "api_key" not in text and CONTENT not in text
 
 
-def test_request_lines_in_text_format(server, caplog):
+def test_server_writes_text_request_lines(tmp_path):
+    env = {**os.environ, "AGENT_ORCHESTRATOR_PROJECT_DIR": str(tmp_path)}
+    env.pop("LOG_FORMAT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "--host", "127.0.0.1", "--port", "0"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        lines = Lines(proc)
+        url = lines.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)").group(1)
+        assert requests.get(url + f"/sessions/missing?api_key={SECRET}", timeout=10).status_code == 404
+        line = lines.wait_for(r"coordinator\.access").string
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    assert re.fullmatch(stamp + r" INFO coordinator\.access: GET /sessions/missing 404 \d+\.\dms", line), line
+
+
+def test_request_lines_of_an_embedded_app_are_log_records(server, caplog):
     with caplog.at_level(logging.INFO, logger="coordinator.access"):
         server.get("/sessions/missing?api_key=" + SECRET)
         deadline = time.monotonic() + 10
