@@ -1,5 +1,6 @@
 """Logs: one line per request, JSON lines for every logger with LOG_FORMAT=json, no secrets."""
 
+import contextlib
 import json
 import logging
 import os
@@ -56,15 +57,26 @@ class Lines:
         return self.seen
 
 
-def test_json_lines_one_per_request_without_secrets(tmp_path):
-    env = {**os.environ, "LOG_FORMAT": "json", "AGENT_ORCHESTRATOR_PROJECT_DIR": str(tmp_path)}
+@contextlib.contextmanager
+def serving(tmp_path: Path, **env: str):
+    """`python -m coordinator` on a free port (text logs unless `env` says otherwise): the
+    process, its URL and its output lines."""
+    env = {**os.environ, "AGENT_ORCHESTRATOR_PROJECT_DIR": str(tmp_path), "LOG_FORMAT": "text", **env}
     proc = subprocess.Popen(
         [sys.executable, "-m", "coordinator", "--host", "127.0.0.1", "--port", "0"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         lines = Lines(proc)
-        url = lines.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)").group(1)
+        yield proc, lines.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)").group(1), lines
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_json_lines_one_per_request_without_secrets(tmp_path):
+    with serving(tmp_path, LOG_FORMAT="json") as (proc, url, lines):
         assert requests.get(url + "/health", timeout=10).status_code == 200
         assert requests.get(url + f"/sessions?limit=5&api_key={SECRET}", timeout=10).status_code == 200
         assert requests.post(url + "/sessions", json={"session_id": "s"}, timeout=10).status_code == 200
@@ -78,10 +90,6 @@ def test_json_lines_one_per_request_without_secrets(tmp_path):
         proc.send_signal(signal.SIGTERM)  # the last request line is still written
         output = lines.rest()
         assert proc.wait(timeout=20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
 
     records = [json.loads(line) for line in output if line]  # every line is one JSON object
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
@@ -107,21 +115,9 @@ def test_json_lines_one_per_request_without_secrets(tmp_path):
 
 
 def test_server_writes_text_request_lines(tmp_path):
-    env = {**os.environ, "AGENT_ORCHESTRATOR_PROJECT_DIR": str(tmp_path)}
-    env.pop("LOG_FORMAT", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator", "--host", "127.0.0.1", "--port", "0"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        lines = Lines(proc)
-        url = lines.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)").group(1)
+    with serving(tmp_path) as (_, url, lines):
         assert requests.get(url + f"/sessions/missing?api_key={SECRET}", timeout=10).status_code == 404
         line = lines.wait_for(r"coordinator\.access").string
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
     assert re.fullmatch(stamp + r" INFO coordinator\.access: GET /sessions/missing 404 \d+\.\dms", line), line
 
