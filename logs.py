@@ -121,6 +121,11 @@ def _message(method: str, path: str, status: int, duration_ms: float) -> str:
     return f"{method} {path} {status} {duration_ms:.1f}ms"
 
 
+def _fields(method: str, path: str, status: int, duration_ms: float) -> dict[str, Any]:
+    """The request line's own keys in JSON lines."""
+    return {"method": method, "path": path, "status": status, "duration_ms": duration_ms}
+
+
 def text_request_line(created: float, method: str, path: str, status: int, duration_ms: float) -> str:
     message = _message(method, path, status, duration_ms)
     return TEXT_FORMAT % {
@@ -129,8 +134,8 @@ def text_request_line(created: float, method: str, path: str, status: int, durat
 
 
 def json_request_line(created: float, method: str, path: str, status: int, duration_ms: float) -> str:
-    fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms}
-    return json_line(created, "INFO", access_log.name, _message(method, path, status, duration_ms), fields)
+    message = _message(method, path, status, duration_ms)
+    return json_line(created, "INFO", access_log.name, message, _fields(method, path, status, duration_ms))
 
 
 class _RequestLines(logging.handlers.QueueListener):
@@ -206,11 +211,8 @@ def log_request(scope: dict, status: int, seconds: float) -> None:
         _request_lines.add((time.time(), method, path, status, duration_ms))
         return
     # Not set up for serving (the app embedded elsewhere, tests): an ordinary record.
-    access_log.info(
-        "%s",
-        _message(method, path, status, duration_ms),
-        extra={"fields": {"method": method, "path": path, "status": status, "duration_ms": duration_ms}},
-    )
+    line = (method, path, status, duration_ms)
+    access_log.info("%s", _message(*line), extra={"fields": _fields(*line)})
 
 
 class RequestLog:
