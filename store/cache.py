@@ -27,25 +27,35 @@ def events_key(session_id: str) -> str:
 
 # A session's events change with its event rows and with the session row's own deletion
 # (its event list turns into a 404); the session list with any session row.
-TRIGGERS = """
+#
+# The keys are added with `WHERE NOT EXISTS`, not `INSERT OR IGNORE`: a conflict clause in a
+# trigger gives way to the one of the statement that fired it, so an upsert (`ON CONFLICT DO
+# UPDATE`) on sessions would turn a key noted twice in one transaction into a constraint error.
+def _note(key_sql: str) -> str:
+    return f"INSERT INTO changed_keys SELECT {key_sql} WHERE NOT EXISTS (SELECT 1 FROM changed_keys WHERE key = {key_sql});"
+
+
+TRIGGERS = f"""
 CREATE TEMP TABLE IF NOT EXISTS changed_keys (key TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TEMP TRIGGER IF NOT EXISTS cache_event_inserted AFTER INSERT ON main.events BEGIN
-    INSERT OR IGNORE INTO changed_keys VALUES ('events/' || NEW.session_id);
+    {_note("'events/' || NEW.session_id")}
 END;
 CREATE TEMP TRIGGER IF NOT EXISTS cache_event_updated AFTER UPDATE ON main.events BEGIN
-    INSERT OR IGNORE INTO changed_keys VALUES ('events/' || OLD.session_id), ('events/' || NEW.session_id);
+    {_note("'events/' || OLD.session_id")}
+    {_note("'events/' || NEW.session_id")}
 END;
 CREATE TEMP TRIGGER IF NOT EXISTS cache_event_deleted AFTER DELETE ON main.events BEGIN
-    INSERT OR IGNORE INTO changed_keys VALUES ('events/' || OLD.session_id);
+    {_note("'events/' || OLD.session_id")}
 END;
 CREATE TEMP TRIGGER IF NOT EXISTS cache_session_inserted AFTER INSERT ON main.sessions BEGIN
-    INSERT OR IGNORE INTO changed_keys VALUES ('sessions');
+    {_note("'sessions'")}
 END;
 CREATE TEMP TRIGGER IF NOT EXISTS cache_session_updated AFTER UPDATE ON main.sessions BEGIN
-    INSERT OR IGNORE INTO changed_keys VALUES ('sessions');
+    {_note("'sessions'")}
 END;
 CREATE TEMP TRIGGER IF NOT EXISTS cache_session_deleted AFTER DELETE ON main.sessions BEGIN
-    INSERT OR IGNORE INTO changed_keys VALUES ('sessions'), ('events/' || OLD.session_id);
+    {_note("'sessions'")}
+    {_note("'events/' || OLD.session_id")}
 END;
 """
 

@@ -98,3 +98,23 @@ def test_concurrent_writers_and_readers_lose_nothing(server):
         for sid in w.deleted:
             assert sid not in stored
             assert server.get(f"/events/{sid}").json()["events"] == []
+
+
+def test_legacy_session_start_of_one_session_from_many_threads(server):
+    """Upserts of one session land in the same group commits: each must still answer 200."""
+    assert server.post("/events", event("s", "session_start")).status_code == 200
+    statuses: list[int] = []
+
+    def post_many():
+        with requests.Session() as http:
+            for _ in range(60):
+                statuses.append(http.post(server.url + "/events", json=event("s", "session_start"), timeout=30).status_code)
+
+    threads = [threading.Thread(target=post_many) for _ in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * THREADS * 60
+    assert len(server.get("/sessions/s/events").json()["events"]) == THREADS * 60 + 1
+    assert server.get("/sessions/s").json()["session"]["status"] == "running"
