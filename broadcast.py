@@ -1,11 +1,16 @@
-"""The broadcaster: publishers hand it messages, one task fans them out to subscribers.
+"""The broadcaster: one task fans the committed change log out to live subscribers.
 
-Publishing never waits: it appends to the task's inbox. The task stamps each message with its
-cursor (the stored event id for `event` messages, else the newest event id seen so far),
-encodes it once (when anyone subscribes), and offers it to every matching subscriber's bounded
-queue. A subscriber whose queue is full is dropped at once (its queue is cleared and it is told
-why); it resumes later from the last cursor it received. So a slow subscriber costs a bounded
-amount of memory and never delays anyone else.
+The store hands it the changes of each commit in commit order (`committed`, from the writer
+thread); the task offers each, as one `Message` with its cursor, to every live subscriber whose
+filter matches. A subscriber that resumes from an older cursor is not live at first: it reads
+the log back from the store page by page, as fast as its socket drains, until it has reached
+the newest change fanned out, and becomes live at that point without an await in between, so
+it gets every change once, in cursor order (`follow`).
+
+Each live subscriber has a queue bounded in messages and in bytes. One that falls further
+behind is dropped at once (its queue is freed and it is told why); it resumes later from the
+last cursor it received. So a slow subscriber costs a bounded amount of memory and never delays
+anyone else.
 """
 
 from __future__ import annotations
@@ -14,17 +19,24 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anyio
 import msgspec
+
+from store.changes import Change, Page
 
 log = logging.getLogger("coordinator.broadcast")
 
 _encoder = msgspec.json.Encoder()
 
 # SSE `event:` names are the message types; these are all of them.
-TYPES = ("init", "session_created", "session_updated", "session_deleted", "event", "run_failed")
+TYPES = ("init", "session_created", "session_updated", "session_deleted", "event", "run_failed", "replay_gap")
+
+# What a queued message costs beyond its payload (its frame's type, cursor and the objects).
+MESSAGE_OVERHEAD = 200
+
+ReadPage = Callable[[int, int, "str | None", int], Awaitable[Page]]
 
 
 class Message:
@@ -42,6 +54,11 @@ class Message:
         self._ws: str | None = None
         self._ws_cursor: str | None = None
         self._sse: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes it holds in a queue, counted against the subscriber's budget."""
+        return len(self.payload) + MESSAGE_OVERHEAD
 
     def _ws_bytes(self) -> bytes:
         body = self.payload[1:-1]
@@ -82,21 +99,33 @@ class TooManySubscribers(Exception):
 
 
 class Subscriber:
-    def __init__(self, size: int, session_id: str | None):
+    """One client's position in the log (`cursor`: the last change it was given) and, once
+    live, its queue of messages not yet sent."""
+
+    def __init__(self, session_id: str | None, cursor: int, max_messages: int, max_bytes: int):
         self.session_id = session_id
-        self._size = size
+        self.cursor = cursor
+        self.live = False
+        self._max_messages = max_messages
+        self._max_bytes = max_bytes
         self._queue: deque[Message] = deque()
+        self.buffered_bytes = 0  # the queue's messages, or the replay page not yet sent
         self._ready = asyncio.Event()
         self._dropped = asyncio.Event()
 
     def offer(self, message: Message) -> bool:
-        """Queue a message; False (and the subscriber is dropped) when the queue is full."""
-        if len(self._queue) >= self._size:
+        """Queue a message; False (and the subscriber is dropped) when that would pass the bound
+        in messages or in bytes. A message alone in the queue always fits, however large."""
+        if self._queue and (
+            len(self._queue) >= self._max_messages or self.buffered_bytes + message.size > self._max_bytes
+        ):
             self._queue.clear()
+            self.buffered_bytes = 0
             self._dropped.set()
             self._ready.set()
             return False
         self._queue.append(message)
+        self.buffered_bytes += message.size
         self._ready.set()
         return True
 
@@ -123,16 +152,34 @@ class Subscriber:
                     return None
         if self.dropped:
             raise Dropped
-        return self._queue.popleft()
+        message = self._queue.popleft()
+        self.buffered_bytes -= message.size
+        return message
 
 
 class Broadcaster:
-    def __init__(self, queue_size: int = 1000, cursor: int = 0, max_subscribers: int = 1000):
+    """`read_page(after, upto, session_id, max_bytes)` reads the committed log back (see
+    `store.changes.page`); `cursor` is the newest change fanned out."""
+
+    def __init__(
+        self,
+        read_page: ReadPage,
+        cursor: int = 0,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        queue_size: int = 1000,
+        buffer_bytes: int = 4 * 1024 * 1024,
+        max_subscribers: int = 1000,
+    ):
+        self.cursor = cursor
         self.queue_size = queue_size
+        self.buffer_bytes = buffer_bytes
         self.max_subscribers = max_subscribers
-        self.cursor = cursor  # newest stored event id seen
-        self._inbox: asyncio.Queue[tuple[str, dict, str | None, int | None]] = asyncio.Queue()
+        self._read_page = read_page
+        self._inbox: asyncio.Queue[list[Change]] = asyncio.Queue()
+        self._loop = loop
         self._subscribers: set[Subscriber] = set()
+        self._live: set[Subscriber] = set()
         self.dropped_total = 0
         self._init: Message | None = None
 
@@ -148,40 +195,83 @@ class Broadcaster:
         return len(self._subscribers)
 
     @property
+    def buffered_bytes(self) -> int:
+        """What the subscribers hold, in bytes: live ones their queues, the others their page."""
+        return sum(subscriber.buffered_bytes for subscriber in self._subscribers)
+
+    @property
     def full(self) -> bool:
         return len(self._subscribers) >= self.max_subscribers
 
-    def publish(
-        self, type_: str, payload: dict[str, Any], session_id: str | None, event_id: int | None = None
-    ) -> None:
-        """Hand a message to the fan-out task; never blocks. Call from the event loop."""
-        self._inbox.put_nowait((type_, payload, session_id, event_id))
+    def committed(self, changes: list[Change]) -> None:
+        """The changes of one commit, in order; from any thread, called in commit order."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self._loop.call_soon_threadsafe(self._inbox.put_nowait, changes)
 
     @contextlib.contextmanager
-    def subscribe(self, session_id: str | None = None):
-        """Register a subscriber (only messages of `session_id` if given) for the block;
-        TooManySubscribers when the limit is reached."""
+    def subscribe(self, session_id: str | None = None, since: int | None = None):
+        """Register a subscriber (only changes of `session_id` if given) for the block: live at
+        once, or, with `since`, after catching up from that cursor. TooManySubscribers when the
+        limit is reached."""
         if self.full:
             raise TooManySubscribers
-        subscriber = Subscriber(self.queue_size, session_id)
+        cursor = self.cursor if since is None else since
+        subscriber = Subscriber(session_id, cursor, self.queue_size, self.buffer_bytes)
         self._subscribers.add(subscriber)
+        self._go_live_if_current(subscriber)
         try:
             yield subscriber
         finally:
             self._subscribers.discard(subscriber)
+            self._live.discard(subscriber)
+
+    def _go_live_if_current(self, subscriber: Subscriber) -> bool:
+        if subscriber.cursor >= self.cursor:
+            subscriber.live = True
+            self._live.add(subscriber)
+        return subscriber.live
+
+    async def follow(self, subscriber: Subscriber, idle: float | None = None) -> AsyncIterator[Message | None]:
+        """Everything after the subscriber's cursor: the stored log until it is current, then
+        live messages (None after each `idle` seconds without one). Raises Dropped."""
+        known_deleted: int | None = None
+        while not self._go_live_if_current(subscriber):
+            upto = self.cursor
+            # Only as much as the byte budget holds; the next page once this one is sent.
+            page = await self._read_page(subscriber.cursor, upto, subscriber.session_id, self.buffer_bytes)
+            if page.max_deleted > subscriber.cursor and page.max_deleted != known_deleted:
+                earliest = page.changes[0].cursor if page.changes else None
+                gap = {"since": subscriber.cursor, "earliest": earliest}
+                yield Message("replay_gap", subscriber.session_id, subscriber.cursor, _encoder.encode(gap))
+            known_deleted = page.max_deleted
+            subscriber.buffered_bytes = sum(len(change.payload) for change in page.changes)
+            for change in page.changes:
+                subscriber.cursor = change.cursor
+                yield Message(change.type, change.session_id, change.cursor, change.payload)
+                subscriber.buffered_bytes -= len(change.payload)
+            if page.complete:
+                subscriber.cursor = max(subscriber.cursor, upto)
+        while True:
+            yield await subscriber.get(idle)
 
     async def run(self) -> None:
         while True:
-            type_, payload, session_id, event_id = await self._inbox.get()
-            if event_id is not None and event_id > self.cursor:
-                self.cursor = event_id
-            if not self._subscribers:
-                continue  # nobody to encode it for
-            message = encode(type_, payload, session_id, event_id or self.cursor)
-            for subscriber in list(self._subscribers):
-                if subscriber.session_id is not None and subscriber.session_id != session_id:
-                    continue
-                if not subscriber.offer(message):
-                    self._subscribers.discard(subscriber)
-                    self.dropped_total += 1
-                    log.warning("dropped a live subscriber: more than %d messages behind", self.queue_size)
+            for change in await self._inbox.get():
+                self._fan_out(change)
+
+    def _fan_out(self, change: Change) -> None:
+        if change.cursor <= self.cursor:
+            return  # committed before the start cursor was read
+        self.cursor = change.cursor
+        if not self._live:
+            return  # nobody to encode it for
+        payload = change.payload if isinstance(change.payload, bytes) else _encoder.encode(change.payload)
+        message = Message(change.type, change.session_id, change.cursor, payload)
+        for subscriber in list(self._live):
+            if subscriber.session_id is not None and subscriber.session_id != change.session_id:
+                continue
+            if not subscriber.offer(message):
+                self._live.discard(subscriber)
+                self.dropped_total += 1
+                log.warning("dropped a live subscriber: its queue passed %d messages or %d bytes",
+                            self.queue_size, self.buffer_bytes)

@@ -8,6 +8,7 @@ writes a consistent copy of the database, also while the server runs.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
 import gc
@@ -32,9 +33,8 @@ from http_guard import GuardedHttpProtocol
 import logs
 from logs import RequestLog, log_request
 from routes import agents, errors, health, live, metrics, openapi, page, runner, runs, sessions
-from store import backup, retention
+from store import backup, changes, retention
 from store.db import Database
-from store.events import newest_event_id
 
 log = logging.getLogger("coordinator")
 
@@ -72,6 +72,13 @@ def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
         raise ValueError("must be a port number (0-65535)")
+    return value
+
+
+def _buffer_bytes(raw: str) -> int:
+    value = int(raw)
+    if value < 64 * 1024:
+        raise ValueError("must be at least 65536 (64 KiB)")
     return value
 
 
@@ -139,6 +146,7 @@ class Settings:
     auth0_domain: str = ""
     auth0_audience: str = ""
     broadcast_queue_size: int = 1000
+    subscriber_buffer_bytes: int = 4 * 1024 * 1024
     max_subscribers: int = 1000
     sse_heartbeat_interval: float = 30.0
     max_body_bytes: int = 1024 * 1024
@@ -202,6 +210,7 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("AUTH0_DOMAIN", "auth0_domain", str),
     ("AUTH0_AUDIENCE", "auth0_audience", str),
     ("BROADCAST_QUEUE_SIZE", "broadcast_queue_size", _positive_int),
+    ("SUBSCRIBER_BUFFER_BYTES", "subscriber_buffer_bytes", _buffer_bytes),
     ("MAX_SUBSCRIBERS", "max_subscribers", _positive_int),
     ("SSE_HEARTBEAT_INTERVAL", "sse_heartbeat_interval", _positive_float),
     ("MAX_BODY_BYTES", "max_body_bytes", _positive_int),
@@ -228,8 +237,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette):
         cache_bytes = int(settings.read_cache_mb * 1024 * 1024)
         db = await anyio.to_thread.run_sync(Database, settings.db_path, cache_bytes)
-        cursor = await db.read(newest_event_id)
-        broadcaster = Broadcaster(settings.broadcast_queue_size, cursor, settings.max_subscribers)
+        broadcaster = Broadcaster(
+            functools.partial(db.read, changes.page),
+            await db.read(changes.newest),
+            loop=asyncio.get_running_loop(),
+            queue_size=settings.broadcast_queue_size,
+            buffer_bytes=settings.subscriber_buffer_bytes,
+            max_subscribers=settings.max_subscribers,
+        )
+        db.on_commit = broadcaster.committed
         app.state.settings = settings
         app.state.db = db
         app.state.broadcaster = broadcaster
@@ -242,13 +258,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(broadcaster.run)
                 if settings.retention_days:
-                    tasks.start_soon(
-                        retention.run_periodically,
-                        db,
-                        settings.retention_days,
-                        settings.retention_interval,
-                        lambda session_id: broadcaster.publish("session_deleted", {"session_id": session_id}, session_id),
-                    )
+                    tasks.start_soon(retention.run_periodically, db, settings.retention_days, settings.retention_interval)
                 tasks.start_soon(dispatcher.run)
                 yield
                 tasks.cancel_scope.cancel()

@@ -173,10 +173,8 @@ class Dispatcher:
         for runner_id in removed:
             log.info("runner %s removed: no heartbeat for %g s", runner_id, s.runner_remove_threshold)
             self.wake(runner_id)
-        for run in await self.db.write(runs.fail_timed_out_runs):
+        for run in await self.db.write(runs.fail_timed_out_runs):  # each announced as `run_failed`
             log.info("run %s failed: no matching runner within %g s", run.run_id, s.run_no_match_timeout)
-            payload = {"run_id": run.run_id, "error": run.error, "session_id": run.session_id}
-            self.broadcaster.publish("run_failed", payload, run.session_id)
 
 
 async def _watch_disconnect(receive: Receive, waiter: _Waiter) -> None:

@@ -101,6 +101,8 @@ def seed_million(db_path: Path, events: int) -> None:
             ((f"2025-01-01T00:00:{i:09d}", msgspec.json.encode(data["tool_input"]).decode(),
               msgspec.json.encode(data["tool_output"]).decode()) for i in range(events)),
         )
+        # Each event is a change of the live log too, under the same id.
+        conn.execute("INSERT INTO changes (id, type, session_id) SELECT id, 'event', session_id FROM events")
     conn.close()
 
 

@@ -16,62 +16,37 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from broadcast import Dropped, Message, Subscriber, TooManySubscribers, encode
 from routes.common import SQL_INT_MAX, query_bool
-from store import cache, events, sessions
+from store import cache, sessions
 
 log = logging.getLogger("coordinator.live")
 
-REPLAY_PAGE = 500
 CLOSE_TIMEOUT = 10.0  # for the close frame to get through to a peer that fell behind
 CLOSE_TRY_AGAIN = 1013
 CLOSE_POLICY = 1008
 
 
-async def _init_message(request, session_id: str | None) -> Message:
-    """All sessions (newest first), or only the filtered one, with the current cursor."""
+async def _init_message(request, subscriber: Subscriber, since: int | None) -> Message:
+    """All sessions (newest first), or only the filtered one. Its cursor is where the stream
+    goes on from: the resume cursor, else the newest change when the subscriber went live, so
+    it is never above the next message's."""
     broadcaster = request.app.state.broadcaster
-    cursor = broadcaster.cursor
-    if session_id is None:
+    cursor = subscriber.cursor if since is None else since
+    if subscriber.session_id is None:
         found = await request.app.state.db.read_cached(cache.SESSIONS, sessions.list_sessions_json)
         return broadcaster.init_message(found, cursor)
-    one = await request.app.state.db.read(sessions.get_session, session_id)
-    return encode("init", {"sessions": [one] if one else []}, session_id, cursor)
-
-
-async def _replay(request, since: int, session_id: str | None) -> AsyncIterator[Message]:
-    """Stored events after `since`, in id order, preceded by a `replay_gap` message when
-    events after `since` were deleted (their session or retention took them)."""
-    db = request.app.state.db
-    deleted = await db.read(events.max_deleted_event_id)
-    after = since
-    page = await db.read(events.replay_page, after, session_id, REPLAY_PAGE)
-    if deleted > since:
-        earliest = page[0][0] if page else None
-        yield encode("replay_gap", {"since": since, "earliest": earliest}, session_id, since)
-    while page:
-        for event_id, data in page:
-            yield Message("event", session_id, event_id, b'{"data":%s}' % data)
-        after = page[-1][0]
-        page = await db.read(events.replay_page, after, session_id, REPLAY_PAGE) if len(page) == REPLAY_PAGE else []
+    one = await request.app.state.db.read(sessions.get_session, subscriber.session_id)
+    return encode("init", {"sessions": [one] if one else []}, subscriber.session_id, cursor)
 
 
 async def _messages(
     request, subscriber: Subscriber, init: bool, since: int | None, idle: float | None = None
 ) -> AsyncIterator[Message | None]:
-    """What one subscriber receives: `init`, the replay, then live messages (None after each
-    `idle` seconds without any). The subscriber was registered before anything was read, so
-    nothing falls between replay and live; live events the replay already delivered are
-    skipped by their cursor."""
+    """What one subscriber receives: `init`, then every change after its cursor (None after
+    each `idle` seconds without one)."""
     if init:
-        yield await _init_message(request, subscriber.session_id)
-    replayed = 0
-    if since is not None:
-        async for message in _replay(request, since, subscriber.session_id):
-            replayed = max(replayed, message.cursor)
-            yield message
-    while True:
-        message = await subscriber.get(idle)
-        if message is None or message.type != "event" or message.cursor > replayed:
-            yield message
+        yield await _init_message(request, subscriber, since)
+    async for message in request.app.state.broadcaster.follow(subscriber, idle):
+        yield message
 
 
 def _cursor_param(raw: str | None) -> int | None:
@@ -94,7 +69,7 @@ async def ws_endpoint(websocket: WebSocket):
     if broadcaster.full:
         await websocket.close(CLOSE_TRY_AGAIN, "Too many live subscribers, try again later")
         return
-    with broadcaster.subscribe(session_id) as subscriber:
+    with broadcaster.subscribe(session_id, since) as subscriber:
         async with anyio.create_task_group() as tasks:
             # Whichever ends first ends the subscription: the peer leaves, the broadcaster
             # drops it (even while a send is stuck on a full socket), or sending fails.
@@ -149,7 +124,7 @@ async def sse_sessions(request: Request):
     async def stream() -> AsyncIterator[bytes]:
         # Subscribing here, not in the handler, means a response that never starts leaks nothing.
         try:
-            with broadcaster.subscribe(session_id) as subscriber:
+            with broadcaster.subscribe(session_id, since) as subscriber:
                 async for message in _messages(request, subscriber, init, since, heartbeat):
                     yield b": heartbeat\n\n" if message is None else message.sse_frame
         except (Dropped, TooManySubscribers):

@@ -108,6 +108,9 @@ class _ScrapeTime:
                                 value=broadcaster.subscriber_count)
         yield CounterMetricFamily("coordinator_live_subscribers_dropped", "Subscribers dropped for falling behind",
                                   value=broadcaster.dropped_total)
+        yield GaugeMetricFamily("coordinator_live_buffered_bytes",
+                                "Bytes held for live subscribers: queued messages and replay pages",
+                                value=broadcaster.buffered_bytes)
         for table, statuses, help_ in (("runs", RUN_STATUSES, "Runs by status"),
                                        ("runners", RUNNER_STATUSES, "Registered runners by status")):
             family = GaugeMetricFamily(f"coordinator_{table}", help_, labels=["status"])

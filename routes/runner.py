@@ -13,7 +13,6 @@ from models import RegisterRunner, RunFailed, RunnerReport
 from routes.common import json_response, query_bool, read_body
 from routes.errors import ValidationFailed
 from routes.metrics import observe_claim
-from routes.sessions import publish_session
 from store import runners
 
 _register = msgspec.json.Decoder(RegisterRunner)
@@ -71,11 +70,9 @@ async def poll(request: Request):
 async def _report_run(request: Request, status: str, decoder: msgspec.json.Decoder = _report):
     body = await read_body(request, decoder)
     error = getattr(body, "error", None)
-    session, resumed = await _as_runner(
+    _, resumed = await _as_runner(
         request, runners.report, body.runner_id, request.path_params["run_id"], status, error
     )
-    if session is not None:
-        publish_session(request, "session_updated", session)
     if resumed is not None:
         request.app.state.dispatcher.wake()
     return json_response(_OK)

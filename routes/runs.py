@@ -12,7 +12,6 @@ from starlette.routing import Route
 from models import CreateRun
 from routes.common import json_response, read_body
 from routes.errors import ValidationFailed
-from routes.sessions import publish_session
 from store import runners, runs
 from store.agents import read_agent
 from store.stamps import new_session_id
@@ -45,14 +44,12 @@ async def create_run(request: Request):
     )
     settings = request.app.state.settings
     dispatcher = request.app.state.dispatcher
-    run, session, claimed = await request.app.state.db.write(
+    run, _, claimed = await request.app.state.db.write(
         runners.create_run_for_waiting,
         run,
         no_match_timeout=settings.run_no_match_timeout,
         waiting=dispatcher.idle_runners(),
     )
-    if session is not None:
-        publish_session(request, "session_created", session)
     if claimed is not None:
         await dispatcher.hand_over(*claimed)
     if claimed is None or claimed[1].run_id != run.run_id:  # the new run is still pending
@@ -71,8 +68,6 @@ async def get_run(request: Request):
 
 async def _stop(request: Request, verb, key: str):
     stopped = await request.app.state.db.write(verb, request.path_params[key])
-    if stopped.session is not None:
-        publish_session(request, "session_updated", stopped.session)
     if stopped.runner_id is not None:
         request.app.state.dispatcher.wake(stopped.runner_id)
     return json_response(stopped.reply)

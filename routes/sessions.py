@@ -21,10 +21,6 @@ _event = msgspec.json.Decoder(Event)
 MAX_PAGE = 1000
 
 
-def publish_session(request: Request, type_: str, session: Session) -> None:
-    request.app.state.broadcaster.publish(type_, {"session": session}, session.session_id)
-
-
 def _session_ok(session: Session) -> Response:
     return json_response({"ok": True, "session": session})
 
@@ -50,7 +46,6 @@ async def create_session(request: Request):
         agent_name=body.agent_name,
         parent_session_id=body.parent_session_id,
     )
-    publish_session(request, "session_created", session)
     return _session_ok(session)
 
 
@@ -91,22 +86,19 @@ async def bind_session(request: Request):
         body.executor_type,
         body.project_dir,
     )
-    publish_session(request, "session_updated", session)
     return _session_ok(session)
 
 
 async def patch_metadata(request: Request):
     body = await read_body(request, _metadata)
     fields = {name: getattr(body, name) for name in body.__struct_fields__}
-    session = await request.app.state.db.write(sessions.update_session, request.path_params["session_id"], **fields)
-    publish_session(request, "session_updated", session)
+    session = await request.app.state.db.write(sessions.update_metadata, request.path_params["session_id"], **fields)
     return _session_ok(session)
 
 
 async def delete_session(request: Request):
     session_id = request.path_params["session_id"]
     count = await request.app.state.db.write(sessions.delete_session, session_id)
-    request.app.state.broadcaster.publish("session_deleted", {"session_id": session_id}, session_id)
     return json_response({"ok": True, "session_id": session_id, "deleted": {"session": True, "events_count": count}})
 
 
@@ -119,18 +111,15 @@ async def post_event(request: Request):
         # An unknown session is reported before a malformed body.
         await db.read(sessions.require_session, session_id)
         raise
-    event_id, finished = await db.write(events.append_event, session_id, event)
+    _, finished = await db.write(events.append_event, session_id, event)
     if finished is not None:
-        publish_session(request, "session_updated", finished)
         await request.app.state.dispatcher.session_stopped(session_id)  # callbacks to parents
-    request.app.state.broadcaster.publish("event", {"data": event}, session_id, event_id)
     return json_response({"ok": True})
 
 
 async def post_legacy_event(request: Request):
     event = await read_body(request, _event)
-    event_id = await request.app.state.db.write(events.append_legacy_event, event)
-    request.app.state.broadcaster.publish("event", {"data": event}, event.session_id, event_id)
+    await request.app.state.db.write(events.append_legacy_event, event)
     return json_response({"ok": True})
 
 

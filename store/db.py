@@ -25,6 +25,7 @@ from typing import Any, Callable, TypeVar
 import anyio
 import apsw
 
+from store import changes
 from store.cache import ReadCache, install_triggers, take_changed_keys
 
 log = logging.getLogger("coordinator.store")
@@ -162,6 +163,35 @@ MIGRATIONS: list[str] = [
     DROP TRIGGER IF EXISTS sessions_deleted;
     DELETE FROM meta WHERE key = 'sessions_version';
     """,
+    # The change log (store.changes). Its ids continue the events' (an event's cursor is its
+    # id), the events already stored are its first rows, so cursors handed out before keep
+    # resuming; the deleted-events watermark becomes the log's.
+    """
+    CREATE TABLE changes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        type TEXT NOT NULL,
+        session_id TEXT,
+        payload TEXT
+    );
+    CREATE INDEX idx_changes_session ON changes(session_id, id);
+    INSERT INTO changes (id, type, session_id) SELECT id, 'event', session_id FROM events;
+    DELETE FROM sqlite_sequence WHERE name = 'changes';
+    INSERT INTO sqlite_sequence (name, seq) SELECT 'changes', max(
+        coalesce((SELECT max(id) FROM events), 0),
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0));
+    INSERT INTO meta (key, value) SELECT 'max_deleted_change', coalesce(
+        (SELECT value FROM meta WHERE key = 'max_deleted_event_id'), 0);
+    DELETE FROM meta WHERE key = 'max_deleted_event_id';
+    DROP TRIGGER events_deleted_watermark;
+    -- Plain statements only: a trigger's conflict clause gives way to the firing statement's.
+    CREATE TRIGGER events_deleted_changes AFTER DELETE ON events BEGIN
+        DELETE FROM changes WHERE id = OLD.id;
+        UPDATE meta SET value = max(value, OLD.id) WHERE key = 'max_deleted_change';
+    END;
+    CREATE TRIGGER changes_deleted_watermark AFTER DELETE ON changes BEGIN
+        UPDATE meta SET value = max(value, OLD.id) WHERE key = 'max_deleted_change';
+    END;
+    """,
 ]
 
 
@@ -237,6 +267,8 @@ class Database:
         self._writer.start()
         # Called with (verb name, seconds from queuing to commit) after each `write`; metrics.
         self.on_write: Callable[[str, float], None] | None = None
+        # Called in the writer thread with the changes of each commit, in commit order.
+        self.on_commit: Callable[[list[changes.Change]], None] | None = None
 
     # -- writes -------------------------------------------------------------------------
 
@@ -287,27 +319,35 @@ class Database:
         conn = self._writer_conn
         outcomes: list[tuple[_Write, Any, BaseException | None]] = []
         changed: list[str] = []
+        committed: list[changes.Change] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            changes.collect()
             for job in batch:
                 conn.execute("SAVEPOINT write")
+                mark = changes.mark()
                 try:
                     result = job.fn(conn, *job.args, **job.kwargs)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO write")
+                    changes.rollback_to(mark)
                     outcomes.append((job, None, exc))
                 else:
                     outcomes.append((job, result, None))
                 conn.execute("RELEASE write")
             changed = take_changed_keys(conn)
             conn.execute("COMMIT")
+            committed = changes.take()
         except Exception as exc:  # the transaction itself failed: nothing in it is committed
             log.exception("write transaction failed")
             if not conn.get_autocommit():
                 conn.execute("ROLLBACK")
+            changes.take()
             outcomes = [(job, None, exc) for job in batch]
             changed = []
         self.cache.drop(changed)  # before any caller hears of the commit
+        if committed and self.on_commit is not None:
+            self.on_commit(committed)  # in commit order: this thread commits one batch at a time
         # One wake-up per event loop for the whole batch; asyncio futures are only settled there.
         by_loop: dict[asyncio.AbstractEventLoop | None, list] = {}
         for outcome in outcomes:

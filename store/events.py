@@ -6,16 +6,16 @@ from __future__ import annotations
 import apsw
 import msgspec
 
-from models import EVENT_COLUMNS, Event, EventRow, Session, StoredEvent
+from models import EVENT_COLUMNS, Event, EventRow, Session
+from store.changes import raw_json_columns, record_event, record_session
 from store.errors import NotFound, Rejected
 from store.sessions import SESSION_NOT_FOUND, get_session, update_session
 
 _encode = msgspec.json.encode
-STORED_COLUMNS = ", ".join(StoredEvent.__struct_fields__)
 
 _INSERT = (
-    "INSERT INTO events (session_id, event_type, timestamp, tool_name, tool_input, tool_output,"
-    " error, exit_code, reason, role, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events (id, session_id, event_type, timestamp, tool_name, tool_input, tool_output,"
+    " error, exit_code, reason, role, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 def _json_or_null(value) -> str | None:
@@ -23,9 +23,12 @@ def _json_or_null(value) -> str | None:
 
 
 def _insert(conn: apsw.Connection, event: Event) -> int:
+    """Store the event under its change-log cursor; the live message carries it as received."""
+    event_id = record_event(conn, event.session_id, {"data": event})
     conn.execute(
         _INSERT,
         (
+            event_id,
             event.session_id,
             event.event_type,
             event.timestamp,
@@ -39,17 +42,19 @@ def _insert(conn: apsw.Connection, event: Event) -> int:
             _json_or_null(event.content),
         ),
     )
-    return conn.last_insert_rowid()
+    return event_id
 
 
 def append_event(conn: apsw.Connection, session_id: str, event: Event) -> tuple[int, Session | None]:
-    """Store an event of an existing session. A `session_stop` finishes the session: then the
-    updated session is returned with the new event id (else None)."""
+    """Store an event of an existing session. A `session_stop` finishes the session (announced
+    before the event): then the updated session is returned with the new event id (else None)."""
     if get_session(conn, session_id) is None:
         raise NotFound(SESSION_NOT_FOUND)
     if event.session_id != session_id:
         raise Rejected("Event session_id must match URL session_id")
-    finished = update_session(conn, session_id, status="finished") if event.event_type == "session_stop" else None
+    finished = None
+    if event.event_type == "session_stop":
+        finished = record_session(conn, "session_updated", update_session(conn, session_id, status="finished"))
     return _insert(conn, event), finished
 
 
@@ -69,19 +74,9 @@ def append_legacy_event(conn: apsw.Connection, event: Event) -> int:
     return _insert(conn, event)
 
 
-def _raw(text: str | None) -> msgspec.Raw | None:
-    return None if text is None else msgspec.Raw(text.encode())
-
-
-def _json_columns_raw(row: tuple) -> tuple:
-    """A row of `id` and the event columns (EventRow or StoredEvent order: both have the JSON
-    columns at 5, 6 and 11) with its JSON text wrapped to be spliced verbatim."""
-    return (*row[:5], _raw(row[5]), _raw(row[6]), *row[7:11], _raw(row[11]))
-
-
 def _events_document(rows) -> bytes:
     """The answer of the event list routes: `{"events": [...]}`."""
-    return _encode({"events": [EventRow(*_json_columns_raw(row)) for row in rows]})
+    return _encode({"events": [EventRow(*raw_json_columns(row)) for row in rows]})
 
 
 def session_events_json(conn: apsw.Connection, session_id: str) -> bytes | None:
@@ -102,22 +97,3 @@ def events_page_json(
         raise NotFound(SESSION_NOT_FOUND)
     sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?"
     return _events_document(conn.execute(sql, (session_id, after or 0, -1 if limit is None else limit)))
-
-
-def newest_event_id(conn: apsw.Connection) -> int:
-    return conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
-
-
-def replay_page(conn: apsw.Connection, after: int, session_id: str | None, limit: int) -> list[tuple[int, bytes]]:
-    """Up to `limit` events with id > `after` (of one session if given) as (id, event JSON
-    as broadcast, without the id)."""
-    where = "id > ?" if session_id is None else "session_id = ? AND id > ?"
-    params = (after,) if session_id is None else (session_id, after)
-    sql = f"SELECT id, {STORED_COLUMNS} FROM events WHERE {where} ORDER BY id LIMIT ?"
-    rows = conn.execute(sql, (*params, limit))
-    return [(id_, _encode(StoredEvent(*fields))) for id_, *fields in map(_json_columns_raw, rows)]
-
-
-def max_deleted_event_id(conn: apsw.Connection) -> int:
-    row = conn.execute("SELECT value FROM meta WHERE key = 'max_deleted_event_id'").fetchone()
-    return row[0] if row else 0

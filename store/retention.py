@@ -10,12 +10,12 @@ database without a full VACUUM, which would block every writer while it rewrites
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 import anyio
 import apsw
 
 from store.db import Database
+from store.sessions import remove_session
 from store.stamps import now_ts
 
 log = logging.getLogger("coordinator.retention")
@@ -49,29 +49,27 @@ def delete_expired_sessions(
             break
         chosen.append(session_id)
         events += count
-    conn.executemany("DELETE FROM sessions WHERE session_id = ?", [(session_id,) for session_id in chosen])
+    for session_id in chosen:
+        remove_session(conn, session_id)
     return chosen
 
 
-async def purge(db: Database, days: float, on_deleted: Callable[[str], None]) -> int:
+async def purge(db: Database, days: float) -> int:
     """One pass: delete, batch after batch (each its own write), every session older than
-    `days` that is over; `on_deleted(session_id)` after each batch commits. Returns the count.
-    The cutoff is fixed for the pass, so the pass ends."""
+    `days` that is over. Returns the count. The cutoff is fixed for the pass, so the pass ends."""
     cutoff = now_ts(-days * 86400)
     total = 0
     while batch := await db.write(delete_expired_sessions, cutoff):
-        for session_id in batch:
-            on_deleted(session_id)
         total += len(batch)
     return total
 
 
-async def run_periodically(db: Database, days: float, interval: float, on_deleted: Callable[[str], None]) -> None:
+async def run_periodically(db: Database, days: float, interval: float) -> None:
     """A pass now and then every `interval` seconds, for the app's lifetime. A failed pass is
     logged and tried again at the next interval: retention must never take the server down."""
     while True:
         try:
-            deleted = await purge(db, days, on_deleted)
+            deleted = await purge(db, days)
             if deleted:
                 log.info("retention: deleted %d sessions older than %g days", deleted, days)
         except Exception:

@@ -12,8 +12,9 @@ import apsw
 import msgspec
 
 from models import RUN_COLUMNS, Run, Runner, Session
+from store.changes import record
 from store.errors import NotFound, Rejected
-from store.sessions import create_session, get_session, require_session, update_session
+from store.sessions import create_session, get_session, require_session, update_metadata
 from store.stamps import new_run_id, now_ts
 
 RUN_NOT_FOUND = "Run not found"
@@ -193,7 +194,8 @@ class Stopped(NamedTuple):
 
 
 def set_session_status(conn: apsw.Connection, session_id: str, status: str) -> Session | None:
-    return update_session(conn, session_id, status=status) if get_session(conn, session_id) else None
+    """Set an existing session's status, announced."""
+    return update_metadata(conn, session_id, status=status) if get_session(conn, session_id) else None
 
 
 def finish_run(conn: apsw.Connection, run_id: str, status: str, error: str | None = None) -> None:
@@ -251,7 +253,7 @@ def stop_session(conn: apsw.Connection, session_id: str) -> Stopped:
     else:
         return _stop(conn, run)
     # Nothing left to stop: the session (pending or running) is over.
-    return Stopped(reply, update_session(conn, session_id, status="stopped"))
+    return Stopped(reply, set_session_status(conn, session_id, "stopped"))
 
 
 # -- background checks and recovery -------------------------------------------------------
@@ -264,7 +266,11 @@ def fail_timed_out_runs(conn: apsw.Connection) -> list[Run]:
         f" completed_at = ?1 WHERE status = 'pending' AND timeout_at < ?1 RETURNING {RUN_COLUMNS}",
         (now_ts(),),
     ).fetchall()
-    return [_run(row) for row in rows]
+    failed = [_run(row) for row in rows]
+    for run in failed:
+        payload = {"run_id": run.run_id, "error": run.error, "session_id": run.session_id}
+        record(conn, "run_failed", run.session_id, payload)
+    return failed
 
 
 def recover_runs(conn: apsw.Connection, mode: str) -> dict[str, int]:

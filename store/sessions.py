@@ -6,6 +6,7 @@ import apsw
 import msgspec
 
 from models import SESSION_COLUMNS, Session
+from store.changes import record, record_session
 from store.errors import Conflict, NotFound, Rejected
 from store.stamps import now_ts
 
@@ -47,7 +48,8 @@ def create_session(
     execution_mode: str = "sync",
     duplicate_detail: str = "Session already exists",
 ) -> Session:
-    """Insert a `pending` session; Conflict if the id exists, NotFound for an unknown parent."""
+    """Insert a `pending` session (announced); Conflict if the id exists, NotFound for an
+    unknown parent."""
     if get_session(conn, session_id) is not None:
         raise Conflict(duplicate_detail)
     if parent_session_id is not None and get_session(conn, parent_session_id) is None:
@@ -65,7 +67,7 @@ def create_session(
         f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES ({', '.join('?' * 11)})",
         tuple(getattr(session, f) for f in Session.__struct_fields__),
     )
-    return session
+    return record_session(conn, "session_created", session)
 
 
 def update_session(conn: apsw.Connection, session_id: str, **fields) -> Session:
@@ -77,6 +79,11 @@ def update_session(conn: apsw.Connection, session_id: str, **fields) -> Session:
     return require_session(conn, session_id)
 
 
+def update_metadata(conn: apsw.Connection, session_id: str, **fields) -> Session:
+    """`update_session`, announced."""
+    return record_session(conn, "session_updated", update_session(conn, session_id, **fields))
+
+
 def bind_session(
     conn: apsw.Connection,
     session_id: str,
@@ -86,7 +93,7 @@ def bind_session(
     project_dir: str | None = None,
 ) -> Session:
     """An executor took the session: record where it runs; the status becomes `running`."""
-    return update_session(
+    return update_metadata(
         conn,
         session_id,
         executor_session_id=executor_session_id,
@@ -102,8 +109,16 @@ def delete_session(conn: apsw.Connection, session_id: str) -> int:
     Returns how many events went with it."""
     require_session(conn, session_id)
     events = conn.execute("SELECT count(*) FROM events WHERE session_id = ?", (session_id,)).fetchone()[0]
-    conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+    remove_session(conn, session_id)
     return events
+
+
+def remove_session(conn: apsw.Connection, session_id: str) -> None:
+    """Delete the row (its events, runs and their changes cascade) and the rest of its change
+    log, which leaves `session_deleted` as all there is to replay of it."""
+    conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+    conn.execute("DELETE FROM changes WHERE session_id = ?", (session_id,))
+    record(conn, "session_deleted", session_id, {"session_id": session_id})
 
 
 def session_result(conn: apsw.Connection, session_id: str) -> str:

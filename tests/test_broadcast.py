@@ -15,7 +15,7 @@ def test_frames_of_every_transport():
 
 
 def test_one_init_message_while_list_and_cursor_stay():
-    b = Broadcaster()
+    b = Broadcaster(read_page=None)
     listed = b'{"sessions":[{"session_id":"a"}]}'
     first = b.init_message(listed, 5)
     assert first.ws_frame == '{"type":"init","sessions":[{"session_id":"a"}]}'

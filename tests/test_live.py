@@ -144,10 +144,14 @@ def test_ws_replay_gap_after_deleted_events(server):
     server.delete("/sessions/gone")
     with connect(server.ws_url + "/ws?since=0") as ws:
         recv(ws)
-        gap = recv(ws)
-        kept = recv(ws)
-    assert gap == {"type": "replay_gap", "since": 0, "earliest": kept["cursor"], "cursor": 0}
+        frames = [recv(ws) for _ in range(4)]
+    gap, created, kept, deleted = frames
+    assert gap == {"type": "replay_gap", "since": 0, "earliest": created["cursor"], "cursor": 0}
+    assert created["type"] == "session_created" and created["session"]["session_id"] == "kept"
     assert kept["data"]["reason"] == "still here"
+    # Of the deleted session, only its deletion is left to replay.
+    assert deleted == {"type": "session_deleted", "session_id": "gone", "cursor": deleted["cursor"]}
+    assert [f["cursor"] for f in frames[1:]] == sorted({f["cursor"] for f in frames[1:]})
 
 
 class StalledClient:
@@ -212,12 +216,14 @@ def test_stalled_subscriber_dropped_while_healthy_one_gets_everything(make_serve
             break
     stalled.close()
     assert int.from_bytes(close[:2], "big") == 1013 and b"since" in close[2:]
-    # Resuming from its last cursor brings every missed event exactly once.
+    # Resuming from its last cursor brings every missed change exactly once: the session's
+    # creation, then its events.
     with connect(srv.ws_url + f"/ws?since={cursors[-1]}") as ws:
         recv(ws)
-        resumed = [recv(ws)["cursor"] for _ in range(total + 1 - len(cursors))]
+        resumed = [recv(ws)["cursor"] for _ in range(total + 2 - len(cursors))]
     all_ids = [e["id"] for e in srv.get("/sessions/s/events").json()["events"]]
-    assert cursors[1:] + resumed == all_ids
+    created, *events = cursors[1:] + resumed
+    assert events == all_ids and created < all_ids[0]
 
 
 def test_many_subscribers_come_and_go_without_leaks(server):
@@ -324,6 +330,8 @@ def test_sse_replay_gap(server):
     server.delete("/sessions/gone")
     with requests.get(server.url + "/sse/sessions", stream=True, timeout=10,
                       headers={"Last-Event-ID": "0"}) as r:
-        gap = next(sse_frames(r))
+        frames = sse_frames(r)
+        gap, deleted = next(frames), next(frames)
     assert gap["event"] == "replay_gap"
-    assert json.loads(gap["data"]) == {"since": 0, "earliest": None}
+    assert json.loads(gap["data"]) == {"since": 0, "earliest": int(deleted["id"])}
+    assert deleted["event"] == "session_deleted" and json.loads(deleted["data"]) == {"session_id": "gone"}

@@ -9,7 +9,7 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from store.db import Database, connect, migrate
-from store.events import max_deleted_event_id
+from store.changes import max_deleted
 from store.retention import delete_expired_sessions, purge
 from test_sessions import create, event
 
@@ -71,7 +71,7 @@ def test_deletes_old_sessions_that_are_over_with_their_events_and_runs(conn):
     assert ids(conn, "events") == ["recent", "running"]
     assert ids(conn, "runs", "run_id") == ["run_run_pending"]
     assert conn.execute("SELECT parent_session_id FROM sessions WHERE session_id = 'child'").fetchone() == (None,)
-    assert max_deleted_event_id(conn) == newest_deleted  # live subscribers learn of the gap
+    assert max_deleted(conn) == newest_deleted  # live subscribers learn of the gap
     assert delete(conn, CUTOFF) == []
 
 
@@ -93,9 +93,11 @@ def test_purge_runs_batches_through_the_writer(tmp_path):
         for i in range(230):
             db.write_sync(add_session, f"s{i:03}", status="stopped", events=2)
         db.write_sync(add_session, "young", created_at="9999-01-01T00:00:00.000000+00:00")
-        deleted: list[str] = []
-        assert anyio.run(purge, db, 1.0, deleted.append) == 230
-        assert deleted == [f"s{i:03}" for i in range(230)]
+        assert anyio.run(purge, db, 1.0) == 230
+        tombstones = "SELECT session_id FROM changes WHERE type = 'session_deleted' ORDER BY id"
+        assert [row[0] for row in db.read_sync(lambda conn: conn.execute(tombstones).fetchall())] == [
+            f"s{i:03}" for i in range(230)
+        ]
         assert db.read_sync(ids, "sessions") == ["young"]
         assert db.read_sync(ids, "events") == []
     finally:

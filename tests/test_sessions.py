@@ -240,7 +240,8 @@ def test_paging_with_after_and_limit_returns_each_event_once(server):
         after = page[-1]["id"]
     assert seen == list(range(25))  # ascending by id, all exactly once
     assert len(server.get(f"/events/s?after={after}").json()["events"]) == 0
-    everything_after_first = server.get("/sessions/s/events?after=1").json()["events"]
+    first_id = server.get("/sessions/s/events?limit=1").json()["events"][0]["id"]
+    everything_after_first = server.get(f"/sessions/s/events?after={first_id}").json()["events"]
     assert [r["tool_input"]["i"] for r in everything_after_first] == list(range(1, 25))
     for bad in ("limit=0", "limit=1001", "limit=x", "after=-1", "after=y"):
         r = server.get(f"/sessions/s/events?{bad}")
