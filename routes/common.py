@@ -101,3 +101,8 @@ def query_int(request: Request, name: str, low: int, high: int = SQL_INT_MAX) ->
     if not low <= value <= high:
         raise ValidationFailed.one(["query", name], f"Input should be between {low} and {high}")
     return value
+
+
+async def upgrade_required(request: Request) -> Response:
+    """A plain HTTP request to a WebSocket route: 426 names the protocol instead of a bare 404."""
+    raise HTTPException(426, "WebSocket only: send an Upgrade: websocket request", headers={"Upgrade": "websocket"})

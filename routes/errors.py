@@ -9,6 +9,7 @@ import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match, Route
 
 from store.errors import Conflict, NotFound, Rejected, StoreError
 
@@ -60,6 +61,16 @@ async def _http_exception(request: Request, exc: HTTPException) -> Response:
     return json_error(exc.status_code, exc.detail, exc.headers)
 
 
+async def _method_not_allowed(request: Request, exc: HTTPException) -> Response:
+    # Starlette's router answers from the first route whose path matched, naming only its
+    # methods; other routes of the same path take more. Only a wrong method pays for this walk.
+    methods = set()
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return json_error(405, exc.detail, {"Allow": ", ".join(sorted(methods))})
+
+
 async def _validation_failed(request: Request, exc: ValidationFailed) -> Response:
     return json_error(422, exc.problems)
 
@@ -77,6 +88,7 @@ async def _unhandled(request: Request, exc: Exception) -> Response:
 
 
 handlers = {
+    405: _method_not_allowed,
     HTTPException: _http_exception,
     ValidationFailed: _validation_failed,
     StoreError: _store_error,

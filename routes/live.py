@@ -15,7 +15,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from broadcast import Dropped, Message, Subscriber, TooManySubscribers, encode
-from routes.common import SQL_INT_MAX, query_bool
+from routes.common import SQL_INT_MAX, query_bool, upgrade_required
 from store import cache, sessions
 
 log = logging.getLogger("coordinator.live")
@@ -136,4 +136,5 @@ async def sse_sessions(request: Request):
 routes = [
     WebSocketRoute("/ws", ws_endpoint),
     Route("/sse/sessions", sse_sessions, methods=["GET"]),
+    Route("/ws", upgrade_required, methods=["GET"]),
 ]

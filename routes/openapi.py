@@ -163,14 +163,14 @@ class Query:
 
 @dataclass(frozen=True)
 class Op:
-    """One operation: its JSON body Struct, its answers by status (a type for JSON, a tuple of
-    types for one of them, None for no body, a media type string for anything else), its error
-    statuses and query parameters."""
+    """One operation: its JSON body type, its answers by status (a type for JSON, a tuple of
+    types for one of them, None for no body, a media type string for anything else), its
+    error statuses with when each happens, and its query parameters."""
 
     summary: str
     answers: dict[int, Any]
-    body: type | None = None
-    errors: tuple[int, ...] = ()
+    body: Any = None
+    errors: dict[int, str] = field(default_factory=dict)
     query: dict[str, Query] = field(default_factory=dict)
 
 
@@ -182,48 +182,90 @@ PAGING = {
     "limit": Query(PageLimit, "at most this many events"),
 }
 POLL_ANSWERS = (PollRunReply, PollStopsReply, PollDeregisteredReply)  # untagged: one of them
+# The route refuses what the Struct alone cannot say: a resume names the session it resumes.
+NewRun = Annotated[CreateRun, msgspec.Meta(extra_json_schema={
+    "if": {"properties": {"type": {"const": "resume_session"}}, "required": ["type"]},
+    "then": {"properties": {"session_id": {"type": "string"}}, "required": ["session_id"]},
+})]
+# An SSE stream is described by one of its events, as schema checkers read `text/event-stream`
+# (OpenAPI 3.2 calls it `itemSchema`); other answers that are not JSON are text.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the cursor to resume after"},
+        "event": {"type": "string", "description": "the message type, as `type` on /ws"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["id", "event", "data"],
+}
+MEDIA_SCHEMAS = {"text/event-stream": SSE_EVENT}
+TEXT = {"type": "string"}
+
+NO_SESSION = {404: "no such session"}
+RUNNER = {401: "the runner is not registered", 404: "no such run"}
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/health"): Op("Liveness", {200: HealthReply}),
     ("GET", "/"): Op("The live page", {200: "text/html"}),
     ("GET", "/openapi.json"): Op("This document", {200: dict[str, Any]}),
-    ("GET", "/metrics"): Op("Prometheus metrics (METRICS_ENABLED)", {200: "text/plain"}, errors=(404,)),
+    ("GET", "/metrics"): Op(
+        "Prometheus metrics (METRICS_ENABLED)", {200: "text/plain"}, errors={404: "METRICS_ENABLED is off"}
+    ),
     # sessions and events
     ("GET", "/sessions"): Op(
-        "List sessions, newest first", {200: SessionsReply}, errors=(422,),
+        "List sessions, newest first", {200: SessionsReply}, errors={422: "`limit` is not a positive integer"},
         query={"status": Query(str, "only this status"), "limit": Query(Limit, "the first N")},
     ),
-    ("POST", "/sessions"): Op("Create a session", {200: SessionOkReply}, CreateSession, (404, 409)),
-    ("GET", "/sessions/{session_id}"): Op("A session", {200: SessionReply}, errors=(404,)),
+    ("POST", "/sessions"): Op(
+        "Create a session", {200: SessionOkReply}, CreateSession,
+        {404: "no such parent session", 409: "the session exists"},
+    ),
+    ("GET", "/sessions/{session_id}"): Op("A session", {200: SessionReply}, errors=NO_SESSION),
     ("DELETE", "/sessions/{session_id}"): Op(
-        "Delete a session with its events and runs", {200: SessionDeletedReply}, errors=(404,)
+        "Delete a session with its events and runs", {200: SessionDeletedReply}, errors=NO_SESSION
     ),
     ("GET", "/sessions/{session_id}/status"): Op("A session's status", {200: StatusReply}),
     ("GET", "/sessions/{session_id}/result"): Op(
-        "The final assistant text of a finished session", {200: ResultReply}, errors=(400, 404)
+        "The final assistant text of a finished session", {200: ResultReply},
+        errors={400: "the session has not finished", 404: "no such session, or it has no result"},
     ),
-    ("GET", "/sessions/{session_id}/affinity"): Op("Where a session runs", {200: AffinityReply}, errors=(404,)),
-    ("POST", "/sessions/{session_id}/bind"): Op("An executor took the session", {200: SessionOkReply}, BindSession, (404,)),
+    ("GET", "/sessions/{session_id}/affinity"): Op("Where a session runs", {200: AffinityReply}, errors=NO_SESSION),
+    ("POST", "/sessions/{session_id}/bind"): Op(
+        "An executor took the session", {200: SessionOkReply}, BindSession, NO_SESSION
+    ),
     ("PATCH", "/sessions/{session_id}/metadata"): Op(
-        "Update session fields", {200: SessionOkReply}, SessionMetadata, (404,)
+        "Update session fields", {200: SessionOkReply}, SessionMetadata, NO_SESSION
     ),
     ("GET", "/sessions/{session_id}/events"): Op(
-        "A session's events", {200: EventsReply}, errors=(404, 422), query=PAGING
+        "A session's events", {200: EventsReply},
+        errors=NO_SESSION | {422: "`after` or `limit` out of range"}, query=PAGING,
     ),
-    ("POST", "/sessions/{session_id}/events"): Op("Record an event", {200: OkReply}, Event, (400, 404)),
-    ("POST", "/sessions/{session_id}/stop"): Op("Stop a session's active run", {200: StopReply}, errors=(400, 404)),
-    ("POST", "/events"): Op("Record an event (legacy)", {200: OkReply}, Event, (404,)),
-    ("GET", "/events/{session_id}"): Op("A session's events (legacy)", {200: EventsReply}, errors=(422,), query=PAGING),
+    ("POST", "/sessions/{session_id}/events"): Op(
+        "Record an event", {200: OkReply}, Event,
+        {400: "the body's `session_id` is not the one in the path", 404: "no such session (checked before the body)"},
+    ),
+    ("POST", "/sessions/{session_id}/stop"): Op(
+        "Stop a session's active run", {200: StopReply}, errors=NO_SESSION | {400: "its run cannot be stopped"}
+    ),
+    ("POST", "/events"): Op(
+        "Record an event (legacy)", {200: OkReply}, Event, {404: "no such session (but `session_start` creates it)"}
+    ),
+    ("GET", "/events/{session_id}"): Op(
+        "A session's events (legacy)", {200: EventsReply}, errors={422: "`after` or `limit` out of range"},
+        query=PAGING,
+    ),
     # live updates
     ("GET", "/ws"): Op(
         "WebSocket of live updates (init, then one frame per message)", {101: None},
+        errors={426: "a plain HTTP request, without the WebSocket upgrade"},
         query={
             "session_id": Query(str, "only this session"),
             "since": Query(After, "resume: replay stored events after this cursor; frames carry `cursor`"),
         },
     ),
     ("GET", "/sse/sessions"): Op(
-        "Server-sent events of live updates", {200: "text/event-stream"}, errors=(422, 503),
+        "Server-sent events of live updates", {200: "text/event-stream"},
+        errors={422: "`include_init` is not a boolean", 503: "too many live subscribers"},
         query={
             "session_id": Query(str, "only this session"),
             "include_init": Query(bool, "send `init` first (default true)"),
@@ -232,38 +274,55 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         },
     ),
     # runs
-    ("POST", "/runs"): Op("Queue a run", {200: RunCreatedReply}, CreateRun, (404, 409)),
+    ("POST", "/runs"): Op(
+        "Queue a run", {200: RunCreatedReply}, NewRun,
+        {
+            404: "no such session to resume, or no such parent session",
+            409: "a new session's `session_id` exists",
+            422: "a malformed body, or a resume without `session_id`",
+        },
+    ),
     ("GET", "/runs"): Op("List runs", {200: RunsReply}, query={"status": Query(str, "only this status")}),
-    ("GET", "/runs/{run_id}"): Op("A run", {200: Run}, errors=(404,)),
-    ("POST", "/runs/{run_id}/stop"): Op("Stop a run", {200: StopReply}, errors=(400, 404)),
+    ("GET", "/runs/{run_id}"): Op("A run", {200: Run}, errors={404: "no such run"}),
+    ("POST", "/runs/{run_id}/stop"): Op(
+        "Stop a run", {200: StopReply}, errors={400: "the run has ended or has no runner", 404: "no such run"}
+    ),
     # runners
-    ("POST", "/runner/register"): Op("Register a runner", {200: RegisteredReply}, RegisterRunner, (409,)),
+    ("POST", "/runner/register"): Op(
+        "Register a runner", {200: RegisteredReply}, RegisterRunner,
+        {409: "a runner with this hostname, project_dir and executor_type is registered; `detail` is an object"},
+    ),
     ("GET", "/runner/runs"): Op(
         "Long-poll for work: a run, stop commands or a deregistration; 204 when the wait ends empty",
-        {200: POLL_ANSWERS, 204: None}, errors=(401, 422),
+        {200: POLL_ANSWERS, 204: None}, errors={401: RUNNER[401], 422: "no `runner_id`"},
         query={"runner_id": Query(str, "the polling runner", required=True)},
     ),
-    ("POST", "/runner/runs/{run_id}/started"): Op("Report a run started", {200: OkReply}, RunnerReport, (401, 404)),
-    ("POST", "/runner/runs/{run_id}/completed"): Op("Report a run completed", {200: OkReply}, RunnerReport, (401, 404)),
-    ("POST", "/runner/runs/{run_id}/failed"): Op("Report a run failed", {200: OkReply}, RunFailed, (401, 404)),
-    ("POST", "/runner/runs/{run_id}/stopped"): Op("Report a run stopped", {200: OkReply}, RunnerReport, (401, 404)),
-    ("POST", "/runner/heartbeat"): Op("A runner's sign of life", {200: OkReply}, RunnerReport, (401,)),
+    ("POST", "/runner/runs/{run_id}/started"): Op("Report a run started", {200: OkReply}, RunnerReport, RUNNER),
+    ("POST", "/runner/runs/{run_id}/completed"): Op("Report a run completed", {200: OkReply}, RunnerReport, RUNNER),
+    ("POST", "/runner/runs/{run_id}/failed"): Op("Report a run failed", {200: OkReply}, RunFailed, RUNNER),
+    ("POST", "/runner/runs/{run_id}/stopped"): Op("Report a run stopped", {200: OkReply}, RunnerReport, RUNNER),
+    ("POST", "/runner/heartbeat"): Op("A runner's sign of life", {200: OkReply}, RunnerReport, {401: RUNNER[401]}),
     ("GET", "/runners"): Op("List runners", {200: RunnersReply}),
     ("DELETE", "/runners/{runner_id}"): Op(
-        "Deregister a runner", {200: DeregisteredReply}, errors=(404, 422),
+        "Deregister a runner", {200: DeregisteredReply}, errors={404: "no such runner", 422: "`self` is not a boolean"},
         query={"self": Query(bool, "the runner itself is leaving (default false)")},
     ),
     # agents
     ("GET", "/agents"): Op("List agent blueprints", {200: list[Agent]}, query={"tags": Query(str, "all of these, comma-separated")}),
-    ("POST", "/agents"): Op("Create an agent blueprint", {201: Agent}, CreateAgent, (400, 409)),
-    ("GET", "/agents/{name}"): Op("An agent blueprint", {200: Agent}, errors=(404,)),
-    ("PATCH", "/agents/{name}"): Op("Update an agent blueprint", {200: Agent}, UpdateAgent, (404,)),
-    ("DELETE", "/agents/{name}"): Op("Delete an agent blueprint", {204: None}, errors=(404,)),
-    ("PATCH", "/agents/{name}/status"): Op("Activate or deactivate a blueprint", {200: Agent}, StatusUpdate, (404,)),
+    ("POST", "/agents"): Op(
+        "Create an agent blueprint", {201: Agent}, CreateAgent,
+        {400: "the name is not a valid directory name", 409: "the agent exists"},
+    ),
+    ("GET", "/agents/{name}"): Op("An agent blueprint", {200: Agent}, errors={404: "no such agent"}),
+    ("PATCH", "/agents/{name}"): Op("Update an agent blueprint", {200: Agent}, UpdateAgent, {404: "no such agent"}),
+    ("DELETE", "/agents/{name}"): Op("Delete an agent blueprint", {204: None}, errors={404: "no such agent"}),
+    ("PATCH", "/agents/{name}/status"): Op(
+        "Activate or deactivate a blueprint", {200: Agent}, StatusUpdate, {404: "no such agent"}
+    ),
 }
 
-# Every body may be malformed (422) or too large (413).
-BODY_ERRORS = (413, 422)
+# Every body may be too large (413) or malformed (422).
+BODY_ERRORS = {413: "the body is larger than MAX_BODY_BYTES", 422: "a malformed body"}
 _PATH_PARAM = re.compile(r"{(\w+)}")
 
 
@@ -305,12 +364,14 @@ def document() -> dict[str, Any]:
             if kind is None:
                 responses[str(status)] = {"description": op.summary}
             elif isinstance(kind, str):
-                responses[str(status)] = {"description": op.summary} | _content(kind, {"type": "string"})
+                text = MEDIA_SCHEMAS.get(kind, TEXT)
+                responses[str(status)] = {"description": op.summary} | _content(kind, text)
             else:
                 body = {"oneOf": [schema[one] for one in kind]} if isinstance(kind, tuple) else schema[kind]
                 responses[str(status)] = {"description": op.summary} | _content("application/json", body)
-        for status in sorted({*op.errors, *(BODY_ERRORS if op.body else ())}):
-            responses[str(status)] = {"description": "error"} | _content("application/json", schema[_error_type(status)])
+        errors = BODY_ERRORS | op.errors if op.body else op.errors
+        for status, when in sorted(errors.items()):
+            responses[str(status)] = {"description": when} | _content("application/json", schema[_error_type(status)])
         operation: dict[str, Any] = {"summary": op.summary, "responses": responses}
         if parameters:
             operation["parameters"] = parameters

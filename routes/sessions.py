@@ -38,13 +38,13 @@ async def list_sessions(request: Request):
 
 async def create_session(request: Request):
     body = await read_body(request, _create)
-    # The mode is validated but, as in the reference, not stored: sessions created here are sync.
     session = await request.app.state.db.write(
         sessions.create_session,
         body.session_id,
         project_dir=body.project_dir,
         agent_name=body.agent_name,
         parent_session_id=body.parent_session_id,
+        execution_mode=body.execution_mode or "sync",
     )
     return _session_ok(session)
 

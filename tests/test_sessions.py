@@ -45,7 +45,7 @@ def test_create_session_shape(server):
     assert session["status"] == "pending"
     assert TS.match(session["created_at"])
     assert (session["project_dir"], session["agent_name"]) == ("/p", "a")
-    assert session["execution_mode"] == "sync"  # validated but not stored, as in the reference
+    assert session["execution_mode"] == "async_poll"
 
 
 def test_create_session_errors(server):
