@@ -34,6 +34,7 @@ from logs import RequestLog, log_request
 from routes import agents, errors, health, live, metrics, openapi, page, runner, runs, sessions
 from store import backup, retention
 from store.db import Database
+from store.errors import DatabaseTooNew
 from store.events import newest_event_id
 
 log = logging.getLogger("coordinator")
@@ -289,7 +290,7 @@ def _backup(source: Path, target: Path) -> None:
     try:
         pages = backup.backup(source, target)
     except (OSError, apsw.Error) as exc:
-        sys.exit(f"agent-coordinator: backup failed: {exc}")
+        sys.exit(f"agent-coordinator: backup failed: {exc} (copying {source} to {target})")
     print(f"backed up {source} to {target} ({pages} pages)")
 
 
@@ -316,9 +317,14 @@ def main(argv: list[str] | None = None) -> None:
             " set COORDINATOR_API_TOKEN (or COORDINATOR_API_TOKEN_FILE) to require a bearer token"
         )
     logs.configure(settings.log_format == "json", settings.debug_logging)
+    # Opened (its directory made, its schema migrated) once before serving: a database that
+    # cannot be used stops the start with one line, where the lifespan would end in a traceback.
+    try:
+        Database(settings.db_path, 0).close()
+    except (OSError, apsw.Error, DatabaseTooNew) as exc:
+        sys.exit(f"agent-coordinator: cannot use the database {settings.db_path}: {exc}")
     if settings.api_token is None:
         log.warning("authentication is off: whoever can reach the port can use the API")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     import uvicorn
 

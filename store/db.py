@@ -26,6 +26,7 @@ import anyio
 import apsw
 
 from store.cache import ReadCache, install_triggers, take_changed_keys
+from store.errors import DatabaseTooNew
 
 log = logging.getLogger("coordinator.store")
 
@@ -177,8 +178,14 @@ def connect(path: Path | str) -> apsw.Connection:
 
 
 def migrate(conn: apsw.Connection) -> int:
-    """Bring the schema to the newest version; returns the version reached."""
+    """Bring the schema to the newest version; returns the version reached. A database of a
+    newer release is refused (DatabaseTooNew) before anything is written to it."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise DatabaseTooNew(
+            f"its schema version {version} is newer than this release knows ({len(MIGRATIONS)}):"
+            " it was written by a newer release"
+        )
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         with conn:
             conn.execute(script)

@@ -17,3 +17,7 @@ class Conflict(StoreError):
 
 class Rejected(StoreError):
     """The request contradicts itself or the stored state."""
+
+
+class DatabaseTooNew(Exception):
+    """The database was written by a newer release: refused before anything is written to it."""
