@@ -154,6 +154,7 @@ class Settings:
     keep_alive_timeout: float = 5.0
     max_connections: int = 2048
     api_token: str | None = None
+    database_max_mb: float = 0.0  # 0: no cap
 
     @property
     def data_dir(self) -> Path:
@@ -218,7 +219,15 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("MAX_CONNECTIONS", "max_connections", _positive_int),
     ("COORDINATOR_API_TOKEN", "api_token", _token),
     ("COORDINATOR_API_TOKEN_FILE", "api_token", _token_file),
+    ("DATABASE_MAX_MB", "database_max_mb", _non_negative_float),
 ]
+
+
+def _cap_size(conn: apsw.Connection, megabytes: float) -> None:
+    """DATABASE_MAX_MB: SQLite refuses to grow the file past `max_page_count` pages (SQLITE_FULL,
+    answered 507). The setting holds for the connection: the writer's, the only one that writes."""
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count={max(1, int(megabytes * 1024 * 1024) // page_size)}")
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -229,6 +238,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette):
         cache_bytes = int(settings.read_cache_mb * 1024 * 1024)
         db = await anyio.to_thread.run_sync(Database, settings.db_path, cache_bytes)
+        if settings.database_max_mb:
+            await db.write(_cap_size, settings.database_max_mb)
         cursor = await db.read(newest_event_id)
         broadcaster = Broadcaster(settings.broadcast_queue_size, cursor, settings.max_subscribers)
         app.state.settings = settings

@@ -26,7 +26,7 @@ import anyio
 import apsw
 
 from store.cache import ReadCache, install_triggers, take_changed_keys
-from store.errors import DatabaseTooNew
+from store.errors import DatabaseTooNew, StorageFailed, StorageFull
 
 log = logging.getLogger("coordinator.store")
 
@@ -225,6 +225,16 @@ def _settle(outcomes: list[tuple[_Write, Any, BaseException | None]]) -> None:
             job.future.set_exception(error)
 
 
+def _storage_error(exc: Exception) -> Exception:
+    """A full disk (or size cap) and other I/O errors as the store errors answered 507 and 503;
+    anything else as it is."""
+    if isinstance(exc, apsw.FullError):
+        return StorageFull("Storage full: nothing was stored; retry once space is freed")
+    if isinstance(exc, apsw.IOError):
+        return StorageFailed(f"Storage error ({exc}): nothing was stored; retry later")
+    return exc
+
+
 class Database:
     """The store's entry point: `await db.write(verb, ...)` and `await db.read(verb, ...)` run a
     verb (a function taking the connection first) on the right connection and thread."""
@@ -301,18 +311,27 @@ class Database:
                 try:
                     result = job.fn(conn, *job.args, **job.kwargs)
                 except Exception as exc:
+                    if conn.get_autocommit():  # SQLite rolled back the whole transaction (disk full...)
+                        raise
                     conn.execute("ROLLBACK TO write")
-                    outcomes.append((job, None, exc))
+                    error = _storage_error(exc)
+                    if error is not exc:
+                        log.error("a write was not stored: %s", exc)
+                    outcomes.append((job, None, error))
                 else:
                     outcomes.append((job, result, None))
                 conn.execute("RELEASE write")
             changed = take_changed_keys(conn)
             conn.execute("COMMIT")
         except Exception as exc:  # the transaction itself failed: nothing in it is committed
-            log.exception("write transaction failed")
+            error = _storage_error(exc)
+            if error is exc:  # unexpected: a bug, worth its traceback
+                log.exception("write transaction failed")
+            else:  # the disk's fault, said in one line
+                log.error("a write transaction failed, nothing stored (%d writes): %s", len(batch), exc)
             if not conn.get_autocommit():
                 conn.execute("ROLLBACK")
-            outcomes = [(job, None, exc) for job in batch]
+            outcomes = [(job, None, error) for job in batch]
             changed = []
         self.cache.drop(changed)  # before any caller hears of the commit
         # One wake-up per event loop for the whole batch; asyncio futures are only settled there.
