@@ -33,6 +33,7 @@ import logs
 from logs import RequestLog, log_request
 from routes import agents, errors, health, live, metrics, openapi, page, runner, runs, sessions
 from store import backup, retention
+from store.agents import remove_leftovers
 from store.db import Database
 from store.errors import DatabaseTooNew
 from store.events import newest_event_id
@@ -240,6 +241,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         db = await anyio.to_thread.run_sync(Database, settings.db_path, cache_bytes)
         if settings.database_max_mb:
             await db.write(_cap_size, settings.database_max_mb)
+        await anyio.to_thread.run_sync(remove_leftovers, settings.agents_dir)
         cursor = await db.read(newest_event_id)
         broadcaster = Broadcaster(settings.broadcast_queue_size, cursor, settings.max_subscribers)
         app.state.settings = settings

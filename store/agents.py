@@ -30,6 +30,7 @@ AGENT_FILE = "agent.json"
 PROMPT_FILE = "agent.system-prompt.md"
 MCP_FILE = "agent.mcp.json"
 DISABLED_FILE = ".disabled"
+BLUEPRINT_FILES = (AGENT_FILE, PROMPT_FILE, MCP_FILE, DISABLED_FILE)
 
 MAX_NAME = 60
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_-]*")
@@ -244,6 +245,38 @@ def list_agents(agents_dir: Path, tags: Sequence[str] = ()) -> list[Agent]:
 def _temp_path(path: Path) -> Path:
     # Hidden and next to `path`, so that the final rename stays within one directory.
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+
+
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")  # what `_temp_path` makes of a name
+
+
+def _temp_of(filename: str) -> str | None:
+    """The name `filename` was made from by `_temp_path`, or None when it is no such name."""
+    match = _TEMP_NAME.fullmatch(filename)
+    return match.group(1) if match else None
+
+
+def remove_leftovers(agents_dir: Path) -> None:
+    """Remove what writes cut short by a crash left behind, all named by `_temp_path`: staging
+    and trash directories (or a trashed link) in the agents dir, temp files in the blueprint
+    directories. Nothing else is touched, and no link is followed. Call it at start-up, before
+    any write."""
+    try:
+        entries = list(os.scandir(agents_dir))
+        leftovers = [e for e in entries if (name := _temp_of(e.name)) and name_problem(name) is None]
+        for blueprint in entries:
+            if blueprint.is_dir(follow_symlinks=False) and not blueprint.name.startswith("."):
+                leftovers += [f for f in os.scandir(blueprint.path) if _temp_of(f.name) in BLUEPRINT_FILES]
+        for leftover in leftovers:
+            log.info("Removing %s, left by an interrupted agent write", leftover.path)
+            if leftover.is_dir(follow_symlinks=False):
+                shutil.rmtree(leftover.path)
+            else:
+                os.unlink(leftover.path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # no agents dir, no leftovers
+    except OSError as exc:  # the agents routes will fail on it as well; serving need not wait
+        log.warning("Could not clean the agents dir %s: %s", agents_dir, exc)
 
 
 def _fsync_dir(path: Path) -> None:
