@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from store.errors import Conflict, NotFound, Rejected, StorageFailed, StorageFull, StoreError
+from store.errors import Conflict, Forbidden, NotFound, Rejected, StorageFailed, StorageFull, StoreError
 
 log = logging.getLogger("coordinator.errors")
 
@@ -67,7 +67,7 @@ async def _validation_failed(request: Request, exc: ValidationFailed) -> Respons
 # A storage fault is the server's, not the request's: 507 Insufficient Storage when the disk (or
 # DATABASE_MAX_MB) is full, 503 for other I/O errors. Both are answered like any error, so the
 # connection stays open, and were logged in one line where they happened (store.db).
-_STORE_STATUS = {NotFound: 404, Conflict: 409, Rejected: 400, StorageFull: 507, StorageFailed: 503}
+_STORE_STATUS = {NotFound: 404, Conflict: 409, Rejected: 400, Forbidden: 403, StorageFull: 507, StorageFailed: 503}
 
 
 async def _store_error(request: Request, exc: StoreError) -> Response:

@@ -256,10 +256,10 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     # agents
     ("GET", "/agents"): Op("List agent blueprints", {200: list[Agent]}, query={"tags": Query(str, "all of these, comma-separated")}),
     ("POST", "/agents"): Op("Create an agent blueprint", {201: Agent}, CreateAgent, (400, 409)),
-    ("GET", "/agents/{name}"): Op("An agent blueprint", {200: Agent}, errors=(404,)),
-    ("PATCH", "/agents/{name}"): Op("Update an agent blueprint", {200: Agent}, UpdateAgent, (404,)),
+    ("GET", "/agents/{name}"): Op("An agent blueprint", {200: Agent}, errors=(403, 404)),
+    ("PATCH", "/agents/{name}"): Op("Update an agent blueprint", {200: Agent}, UpdateAgent, (403, 404)),
     ("DELETE", "/agents/{name}"): Op("Delete an agent blueprint", {204: None}, errors=(404,)),
-    ("PATCH", "/agents/{name}/status"): Op("Activate or deactivate a blueprint", {200: Agent}, StatusUpdate, (404,)),
+    ("PATCH", "/agents/{name}/status"): Op("Activate or deactivate a blueprint", {200: Agent}, StatusUpdate, (403, 404)),
 }
 
 # Every body may be malformed (422) or too large (413).

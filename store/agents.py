@@ -4,6 +4,9 @@ Layout of `{agents_dir}/{name}/`: `agent.json` (required: name, description, ski
 demands?), `agent.system-prompt.md` (raw text), `agent.mcp.json` (`{"mcpServers": {...}}`) and
 `.disabled` (present = inactive). Nothing is cached: every call reads the disk, so hand edits
 show on the next request. The verbs do blocking file I/O: call them from a worker thread.
+
+The agents dir is the boundary: a blueprint whose directory or files resolve (through symbolic
+links) outside it is neither served nor changed; links that stay inside are followed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Annotated, Any, Literal, Sequence, TypeVar
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from store.errors import Conflict, NotFound, Rejected
+from store.errors import Conflict, Forbidden, NotFound, Rejected
 
 log = logging.getLogger("coordinator.agents")
 
@@ -160,6 +163,17 @@ def _not_found(name: str) -> NotFound:
     return NotFound(f"Agent not found: {name}")
 
 
+def _outside(agents_dir: Path, agent_dir: Path) -> str | None:
+    """Which of the blueprint's directory and files resolves outside the agents dir, and to
+    what; None when all stay inside (links among blueprints are fine)."""
+    root = Path(os.path.realpath(agents_dir))
+    for path in (agent_dir, *(agent_dir / filename for filename in BLUEPRINT_FILES)):
+        real = Path(os.path.realpath(path))
+        if root not in real.parents:
+            return f"{path} resolves to {real}"
+    return None
+
+
 # -- reading ------------------------------------------------------------------------------
 
 
@@ -196,7 +210,11 @@ def _load(agent_dir: Path) -> Agent:
     )
 
 
-def _read(agent_dir: Path) -> Agent | None:
+def _read(agents_dir: Path, agent_dir: Path) -> Agent | None:
+    outside = _outside(agents_dir, agent_dir)
+    if outside is not None:
+        log.warning("Skipping agent directory %s: it links outside the agents dir (%s)", agent_dir, outside)
+        return None
     try:
         return _load(agent_dir)
     except (OSError, ValueError) as exc:
@@ -208,18 +226,22 @@ def read_agent(agents_dir: Path, name: str) -> Agent | None:
     """`read_agent(agents_dir: Path, name: str) -> Agent | None`
 
     The blueprint in `agents_dir/name`, or None when `name` could never be valid (checked before
-    any file is touched), the directory is missing, or its files are incomplete or malformed.
-    Blocking: call it from a worker thread.
+    any file is touched), the directory is missing, links outside `agents_dir`, or its files are
+    incomplete or malformed. Blocking: call it from a worker thread.
     """
     agent_dir = _dir_of(agents_dir, name)
     if agent_dir is None or not agent_dir.is_dir():
         return None
-    return _read(agent_dir)
+    return _read(agents_dir, agent_dir)
 
 
 def require_agent(agents_dir: Path, name: str) -> Agent:
+    """`read_agent`, or Forbidden for a blueprint that links outside, NotFound for any other None."""
     agent = read_agent(agents_dir, name)
     if agent is None:
+        agent_dir = _dir_of(agents_dir, name)
+        if agent_dir is not None and agent_dir.is_dir() and _outside(agents_dir, agent_dir):
+            raise Forbidden(f"Agent {name} links outside the agents directory")
         raise _not_found(name)
     return agent
 
@@ -235,7 +257,8 @@ def list_agents(agents_dir: Path, tags: Sequence[str] = ()) -> list[Agent]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     wanted = set(tags)
-    found = [agent for agent in map(_read, entries) if agent is not None and wanted <= set(agent.tags)]
+    read = (_read(agents_dir, entry) for entry in entries)
+    found = [agent for agent in read if agent is not None and wanted <= set(agent.tags)]
     return sorted(found, key=lambda agent: agent.name)
 
 

@@ -20,6 +20,10 @@ class Rejected(StoreError):
     """The request contradicts itself or the stored state."""
 
 
+class Forbidden(StoreError):
+    """The store will not touch it (a blueprint that links outside the agents dir)."""
+
+
 class StorageFull(StoreError):
     """The disk, or the database's size cap, is full: the write was not stored."""
 
