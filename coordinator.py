@@ -34,7 +34,9 @@ import logs
 from logs import RequestLog, log_request
 from routes import agents, errors, health, live, metrics, openapi, page, runner, runs, sessions
 from store import backup, changes, retention
+from store.agents import remove_leftovers
 from store.db import Database
+from store.errors import DatabaseTooNew
 
 log = logging.getLogger("coordinator")
 
@@ -161,6 +163,7 @@ class Settings:
     keep_alive_timeout: float = 5.0
     max_connections: int = 2048
     api_token: str | None = None
+    database_max_mb: float = 0.0  # 0: no cap
 
     @property
     def data_dir(self) -> Path:
@@ -226,7 +229,15 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("MAX_CONNECTIONS", "max_connections", _positive_int),
     ("COORDINATOR_API_TOKEN", "api_token", _token),
     ("COORDINATOR_API_TOKEN_FILE", "api_token", _token_file),
+    ("DATABASE_MAX_MB", "database_max_mb", _non_negative_float),
 ]
+
+
+def _cap_size(conn: apsw.Connection, megabytes: float) -> None:
+    """DATABASE_MAX_MB: SQLite refuses to grow the file past `max_page_count` pages (SQLITE_FULL,
+    answered 507). The setting holds for the connection: the writer's, the only one that writes."""
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count={max(1, int(megabytes * 1024 * 1024) // page_size)}")
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -237,6 +248,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette):
         cache_bytes = int(settings.read_cache_mb * 1024 * 1024)
         db = await anyio.to_thread.run_sync(Database, settings.db_path, cache_bytes)
+        if settings.database_max_mb:
+            await db.write(_cap_size, settings.database_max_mb)
+        await anyio.to_thread.run_sync(remove_leftovers, settings.agents_dir)
         broadcaster = Broadcaster(
             functools.partial(db.read, changes.page),
             await db.read(changes.newest),
@@ -299,7 +313,7 @@ def _backup(source: Path, target: Path) -> None:
     try:
         pages = backup.backup(source, target)
     except (OSError, apsw.Error) as exc:
-        sys.exit(f"agent-coordinator: backup failed: {exc}")
+        sys.exit(f"agent-coordinator: backup failed: {exc} (copying {source} to {target})")
     print(f"backed up {source} to {target} ({pages} pages)")
 
 
@@ -326,9 +340,14 @@ def main(argv: list[str] | None = None) -> None:
             " set COORDINATOR_API_TOKEN (or COORDINATOR_API_TOKEN_FILE) to require a bearer token"
         )
     logs.configure(settings.log_format == "json", settings.debug_logging)
+    # Opened (its directory made, its schema migrated) once before serving: a database that
+    # cannot be used stops the start with one line, where the lifespan would end in a traceback.
+    try:
+        Database(settings.db_path, 0).close()
+    except (OSError, apsw.Error, DatabaseTooNew) as exc:
+        sys.exit(f"agent-coordinator: cannot use the database {settings.db_path}: {exc}")
     if settings.api_token is None:
         log.warning("authentication is off: whoever can reach the port can use the API")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     import uvicorn
 

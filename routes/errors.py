@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
-from store.errors import Conflict, NotFound, Rejected, StoreError
+from store.errors import Conflict, Forbidden, NotFound, Rejected, StorageFailed, StorageFull, StoreError
 
 log = logging.getLogger("coordinator.errors")
 
@@ -75,7 +75,10 @@ async def _validation_failed(request: Request, exc: ValidationFailed) -> Respons
     return json_error(422, exc.problems)
 
 
-_STORE_STATUS = {NotFound: 404, Conflict: 409, Rejected: 400}
+# A storage fault is the server's, not the request's: 507 Insufficient Storage when the disk (or
+# DATABASE_MAX_MB) is full, 503 for other I/O errors. Both are answered like any error, so the
+# connection stays open, and were logged in one line where they happened (store.db).
+_STORE_STATUS = {NotFound: 404, Conflict: 409, Rejected: 400, Forbidden: 403, StorageFull: 507, StorageFailed: 503}
 
 
 async def _store_error(request: Request, exc: StoreError) -> Response:

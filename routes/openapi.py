@@ -204,6 +204,8 @@ TEXT = {"type": "string"}
 NO_SESSION = {404: "no such session"}
 RUNNER = {401: "the runner is not registered", 404: "no such run"}
 
+LINKED_OUT = "the blueprint links outside the agents directory (SECURITY.md)"
+
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/health"): Op("Liveness", {200: HealthReply}),
     ("GET", "/"): Op("The live page", {200: "text/html"}),
@@ -313,11 +315,15 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         "Create an agent blueprint", {201: Agent}, CreateAgent,
         {400: "the name is not a valid directory name", 409: "the agent exists"},
     ),
-    ("GET", "/agents/{name}"): Op("An agent blueprint", {200: Agent}, errors={404: "no such agent"}),
-    ("PATCH", "/agents/{name}"): Op("Update an agent blueprint", {200: Agent}, UpdateAgent, {404: "no such agent"}),
+    ("GET", "/agents/{name}"): Op(
+        "An agent blueprint", {200: Agent}, errors={403: LINKED_OUT, 404: "no such agent"}
+    ),
+    ("PATCH", "/agents/{name}"): Op(
+        "Update an agent blueprint", {200: Agent}, UpdateAgent, {403: LINKED_OUT, 404: "no such agent"}
+    ),
     ("DELETE", "/agents/{name}"): Op("Delete an agent blueprint", {204: None}, errors={404: "no such agent"}),
     ("PATCH", "/agents/{name}/status"): Op(
-        "Activate or deactivate a blueprint", {200: Agent}, StatusUpdate, {404: "no such agent"}
+        "Activate or deactivate a blueprint", {200: Agent}, StatusUpdate, {403: LINKED_OUT, 404: "no such agent"}
     ),
 }
 

@@ -4,6 +4,9 @@ Layout of `{agents_dir}/{name}/`: `agent.json` (required: name, description, ski
 demands?), `agent.system-prompt.md` (raw text), `agent.mcp.json` (`{"mcpServers": {...}}`) and
 `.disabled` (present = inactive). Nothing is cached: every call reads the disk, so hand edits
 show on the next request. The verbs do blocking file I/O: call them from a worker thread.
+
+The agents dir is the boundary: a blueprint whose directory or files resolve (through symbolic
+links) outside it is neither served nor changed; links that stay inside are followed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Annotated, Any, Literal, Sequence, TypeVar
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from store.errors import Conflict, NotFound, Rejected
+from store.errors import Conflict, Forbidden, NotFound, Rejected
 
 log = logging.getLogger("coordinator.agents")
 
@@ -30,6 +33,7 @@ AGENT_FILE = "agent.json"
 PROMPT_FILE = "agent.system-prompt.md"
 MCP_FILE = "agent.mcp.json"
 DISABLED_FILE = ".disabled"
+BLUEPRINT_FILES = (AGENT_FILE, PROMPT_FILE, MCP_FILE, DISABLED_FILE)
 
 MAX_NAME = 60
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_-]*")
@@ -159,6 +163,17 @@ def _not_found(name: str) -> NotFound:
     return NotFound(f"Agent not found: {name}")
 
 
+def _outside(agents_dir: Path, agent_dir: Path) -> str | None:
+    """Which of the blueprint's directory and files resolves outside the agents dir, and to
+    what; None when all stay inside (links among blueprints are fine)."""
+    root = Path(os.path.realpath(agents_dir))
+    for path in (agent_dir, *(agent_dir / filename for filename in BLUEPRINT_FILES)):
+        real = Path(os.path.realpath(path))
+        if root not in real.parents:
+            return f"{path} resolves to {real}"
+    return None
+
+
 # -- reading ------------------------------------------------------------------------------
 
 
@@ -195,7 +210,11 @@ def _load(agent_dir: Path) -> Agent:
     )
 
 
-def _read(agent_dir: Path) -> Agent | None:
+def _read(agents_dir: Path, agent_dir: Path) -> Agent | None:
+    outside = _outside(agents_dir, agent_dir)
+    if outside is not None:
+        log.warning("Skipping agent directory %s: it links outside the agents dir (%s)", agent_dir, outside)
+        return None
     try:
         return _load(agent_dir)
     except (OSError, ValueError) as exc:
@@ -207,18 +226,22 @@ def read_agent(agents_dir: Path, name: str) -> Agent | None:
     """`read_agent(agents_dir: Path, name: str) -> Agent | None`
 
     The blueprint in `agents_dir/name`, or None when `name` could never be valid (checked before
-    any file is touched), the directory is missing, or its files are incomplete or malformed.
-    Blocking: call it from a worker thread.
+    any file is touched), the directory is missing, links outside `agents_dir`, or its files are
+    incomplete or malformed. Blocking: call it from a worker thread.
     """
     agent_dir = _dir_of(agents_dir, name)
     if agent_dir is None or not agent_dir.is_dir():
         return None
-    return _read(agent_dir)
+    return _read(agents_dir, agent_dir)
 
 
 def require_agent(agents_dir: Path, name: str) -> Agent:
+    """`read_agent`, or Forbidden for a blueprint that links outside, NotFound for any other None."""
     agent = read_agent(agents_dir, name)
     if agent is None:
+        agent_dir = _dir_of(agents_dir, name)
+        if agent_dir is not None and agent_dir.is_dir() and _outside(agents_dir, agent_dir):
+            raise Forbidden(f"Agent {name} links outside the agents directory")
         raise _not_found(name)
     return agent
 
@@ -234,7 +257,8 @@ def list_agents(agents_dir: Path, tags: Sequence[str] = ()) -> list[Agent]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     wanted = set(tags)
-    found = [agent for agent in map(_read, entries) if agent is not None and wanted <= set(agent.tags)]
+    read = (_read(agents_dir, entry) for entry in entries)
+    found = [agent for agent in read if agent is not None and wanted <= set(agent.tags)]
     return sorted(found, key=lambda agent: agent.name)
 
 
@@ -244,6 +268,38 @@ def list_agents(agents_dir: Path, tags: Sequence[str] = ()) -> list[Agent]:
 def _temp_path(path: Path) -> Path:
     # Hidden and next to `path`, so that the final rename stays within one directory.
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+
+
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{12}\.tmp")  # what `_temp_path` makes of a name
+
+
+def _temp_of(filename: str) -> str | None:
+    """The name `filename` was made from by `_temp_path`, or None when it is no such name."""
+    match = _TEMP_NAME.fullmatch(filename)
+    return match.group(1) if match else None
+
+
+def remove_leftovers(agents_dir: Path) -> None:
+    """Remove what writes cut short by a crash left behind, all named by `_temp_path`: staging
+    and trash directories (or a trashed link) in the agents dir, temp files in the blueprint
+    directories. Nothing else is touched, and no link is followed. Call it at start-up, before
+    any write."""
+    try:
+        entries = list(os.scandir(agents_dir))
+        leftovers = [e for e in entries if (name := _temp_of(e.name)) and name_problem(name) is None]
+        for blueprint in entries:
+            if blueprint.is_dir(follow_symlinks=False) and not blueprint.name.startswith("."):
+                leftovers += [f for f in os.scandir(blueprint.path) if _temp_of(f.name) in BLUEPRINT_FILES]
+        for leftover in leftovers:
+            log.info("Removing %s, left by an interrupted agent write", leftover.path)
+            if leftover.is_dir(follow_symlinks=False):
+                shutil.rmtree(leftover.path)
+            else:
+                os.unlink(leftover.path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # no agents dir, no leftovers
+    except OSError as exc:  # the agents routes will fail on it as well; serving need not wait
+        log.warning("Could not clean the agents dir %s: %s", agents_dir, exc)
 
 
 def _fsync_dir(path: Path) -> None:

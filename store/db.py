@@ -27,6 +27,7 @@ import apsw
 
 from store import changes
 from store.cache import ReadCache, install_triggers, take_changed_keys
+from store.errors import DatabaseTooNew, StorageFailed, StorageFull
 
 log = logging.getLogger("coordinator.store")
 
@@ -207,8 +208,14 @@ def connect(path: Path | str) -> apsw.Connection:
 
 
 def migrate(conn: apsw.Connection) -> int:
-    """Bring the schema to the newest version; returns the version reached."""
+    """Bring the schema to the newest version; returns the version reached. A database of a
+    newer release is refused (DatabaseTooNew) before anything is written to it."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise DatabaseTooNew(
+            f"its schema version {version} is newer than this release knows ({len(MIGRATIONS)}):"
+            " it was written by a newer release"
+        )
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         with conn:
             conn.execute(script)
@@ -246,6 +253,16 @@ def _settle(outcomes: list[tuple[_Write, Any, BaseException | None]]) -> None:
             job.future.set_result(result)
         else:
             job.future.set_exception(error)
+
+
+def _storage_error(exc: Exception) -> Exception:
+    """A full disk (or size cap) and other I/O errors as the store errors answered 507 and 503;
+    anything else as it is."""
+    if isinstance(exc, apsw.FullError):
+        return StorageFull("Storage full: nothing was stored; retry once space is freed")
+    if isinstance(exc, apsw.IOError):
+        return StorageFailed(f"Storage error ({exc}): nothing was stored; retry later")
+    return exc
 
 
 class Database:
@@ -329,9 +346,14 @@ class Database:
                 try:
                     result = job.fn(conn, *job.args, **job.kwargs)
                 except Exception as exc:
+                    if conn.get_autocommit():  # SQLite rolled back the whole transaction (disk full...)
+                        raise
                     conn.execute("ROLLBACK TO write")
                     changes.rollback_to(mark)
-                    outcomes.append((job, None, exc))
+                    error = _storage_error(exc)
+                    if error is not exc:
+                        log.error("a write was not stored: %s", exc)
+                    outcomes.append((job, None, error))
                 else:
                     outcomes.append((job, result, None))
                 conn.execute("RELEASE write")
@@ -339,11 +361,15 @@ class Database:
             conn.execute("COMMIT")
             committed = changes.take()
         except Exception as exc:  # the transaction itself failed: nothing in it is committed
-            log.exception("write transaction failed")
+            error = _storage_error(exc)
+            if error is exc:  # unexpected: a bug, worth its traceback
+                log.exception("write transaction failed")
+            else:  # the disk's fault, said in one line
+                log.error("a write transaction failed, nothing stored (%d writes): %s", len(batch), exc)
             if not conn.get_autocommit():
                 conn.execute("ROLLBACK")
             changes.take()
-            outcomes = [(job, None, exc) for job in batch]
+            outcomes = [(job, None, error) for job in batch]
             changed = []
         self.cache.drop(changed)  # before any caller hears of the commit
         if committed and self.on_commit is not None:

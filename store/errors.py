@@ -1,4 +1,5 @@
-"""What store verbs raise when a request cannot be applied; routes map them to 4xx answers."""
+"""What store verbs raise when a request cannot be applied; routes map them to 4xx answers (5xx
+for the storage faults)."""
 
 
 class StoreError(Exception):
@@ -17,3 +18,19 @@ class Conflict(StoreError):
 
 class Rejected(StoreError):
     """The request contradicts itself or the stored state."""
+
+
+class Forbidden(StoreError):
+    """The store will not touch it (a blueprint that links outside the agents dir)."""
+
+
+class StorageFull(StoreError):
+    """The disk, or the database's size cap, is full: the write was not stored."""
+
+
+class StorageFailed(StoreError):
+    """Any other I/O error of the database: the write was not stored."""
+
+
+class DatabaseTooNew(Exception):
+    """The database was written by a newer release: refused before anything is written to it."""

@@ -382,15 +382,6 @@ def test_delete_removes_a_broken_directory(server, agents_dir):
     assert list(agents_dir.iterdir()) == []
 
 
-def test_delete_linked_agent_keeps_its_target(server, agents_dir, tmp_path):
-    target = hand_made(tmp_path, "elsewhere", {"name": "linked", "description": "d"})
-    agents_dir.mkdir(parents=True)
-    (agents_dir / "linked").symlink_to(target)
-    assert server.get("/agents/linked").json()["name"] == "linked"
-    assert server.delete("/agents/linked").status_code == 204
-    assert list(agents_dir.iterdir()) == [] and (target / "agent.json").exists()
-
-
 # -- list and tags ----------------------------------------------------------------------------
 
 
