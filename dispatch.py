@@ -57,8 +57,9 @@ class Dispatcher:
         self.broadcaster = broadcaster
         self.settings = settings
         self._waiters: dict[str, set[_Waiter]] = {}
-        # Runner silence is counted from here at the earliest: a restart is not their fault.
-        self._started_at = now_ts()
+        # Runner silence is counted from here at the earliest: a restart is not their fault. A
+        # registration not seen alive since is free for a new one of its identity.
+        self.started_at = now_ts()
 
     # -- long-polls ---------------------------------------------------------------------
 
@@ -106,7 +107,7 @@ class Dispatcher:
             try:
                 while not waiter.gone:
                     waiter.event.clear()
-                    outcome = await self.db.write(runners.next_for_runner, runner_id)
+                    outcome = await self.db.write(runners.next_for_runner, runner_id, self.started_at)
                     if outcome is None:
                         waiter.parked = True
                         with anyio.move_on_after(deadline - time.monotonic()):
@@ -168,7 +169,7 @@ class Dispatcher:
     async def check(self) -> None:
         s = self.settings
         removed = await self.db.write(
-            runners.update_lifecycle, s.runner_stale_threshold, s.runner_remove_threshold, self._started_at
+            runners.update_lifecycle, s.runner_stale_threshold, s.runner_remove_threshold, self.started_at
         )
         for runner_id in removed:
             log.info("runner %s removed: no heartbeat for %g s", runner_id, s.runner_remove_threshold)
@@ -177,7 +178,6 @@ class Dispatcher:
             log.info("run %s failed: no matching runner within %g s", run.run_id, s.run_no_match_timeout)
             payload = {"run_id": run.run_id, "error": run.error, "session_id": run.session_id}
             self.broadcaster.publish("run_failed", payload, run.session_id)
-
 
 async def _watch_disconnect(receive: Receive, waiter: _Waiter) -> None:
     """Flag the waiter and wake it when the client hangs up (a GET has no body to read, so

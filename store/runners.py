@@ -66,11 +66,12 @@ def list_runners(conn: apsw.Connection) -> list[Runner]:
 
 
 def register_runner(
-    conn: apsw.Connection, hostname: str, project_dir: str, executor_type: str, tags: list[str] | None
+    conn: apsw.Connection, hostname: str, project_dir: str, executor_type: str, tags: list[str] | None, since: str
 ) -> Runner:
-    """A new identity registers `online`; a `stale` one reconnects (keeping `registered_at`,
-    its tags unless new ones are sent, and its queued stop commands); an `online` one is a
-    duplicate."""
+    """A new identity registers `online`. A known one reconnects (keeping `registered_at`, its
+    tags unless new ones are sent, and its queued stop commands) if it is `stale`, or if it has
+    not heartbeated or polled since `since`, the coordinator's start: that registration is left
+    from before a restart, and this is its runner started again. Any other is a duplicate."""
     runner_id = derive_runner_id(hostname, project_dir, executor_type)
     existing = get_runner(conn, runner_id)
     now = now_ts()
@@ -80,7 +81,7 @@ def register_runner(
             f"INSERT INTO runners ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 'online')",
             (runner_id, now, now, hostname, project_dir, executor_type, tags_json or "[]"),
         )
-    elif existing.status == "online":
+    elif existing.status == "online" and existing.last_heartbeat >= since:
         raise DuplicateRunner(existing)
     else:
         conn.execute(
@@ -125,10 +126,15 @@ def update_lifecycle(
     return [runner_id for (runner_id,) in removed]
 
 
-def next_for_runner(conn: apsw.Connection, runner_id: str) -> dict[str, Any] | None:
+def next_for_runner(conn: apsw.Connection, runner_id: str, since: str) -> dict[str, Any] | None:
     """One round of a long-poll, in priority order: queued stop commands, then a pending
-    deregistration (the runner is removed), then a claim. None when there is nothing."""
+    deregistration (the runner is removed), then a claim. None when there is nothing.
+
+    The first poll since `since` (the coordinator's start) records a heartbeat: the runner
+    lived through the restart, so its identity is not free for a new registration."""
     runner = require_runner(conn, runner_id)
+    if runner.last_heartbeat < since:
+        heartbeat(conn, runner_id)
     if stops := runs.take_stops(conn, runner_id):
         return {"stop_runs": stops}
     conn.execute("DELETE FROM runners WHERE runner_id = ? AND deregistering", (runner_id,))
