@@ -1,5 +1,5 @@
-"""Run dispatch: runners' long-polls and what wakes them, the periodic lifecycle and no-match
-checks, callbacks, and start-up recovery.
+"""Run dispatch: runners' long-polls, what wakes them and how a shutdown ends them, the periodic
+lifecycle and no-match checks, callbacks, and start-up recovery.
 
 Dispatch is event-driven. Every waiting poll has an event; the route that commits a change a
 runner must hear about sets it right after the commit: a new or returned run wakes every waiting
@@ -57,6 +57,7 @@ class Dispatcher:
         self.broadcaster = broadcaster
         self.settings = settings
         self._waiters: dict[str, set[_Waiter]] = {}
+        self.closing = False  # the server is shutting down: polls are answered at once
         # Runner silence is counted from here at the earliest: a restart is not their fault. A
         # registration not seen alive since is free for a new one of its identity.
         self.started_at = now_ts()
@@ -69,6 +70,14 @@ class Dispatcher:
         for group in groups:
             for waiter in group:
                 waiter.event.set()
+
+    async def close_when(self, shutting_down: asyncio.Event) -> None:
+        """Once the server shuts down, answer every held poll, and any later one, at once with
+        nothing (204): the runners poll again and reach the next process, instead of being cut
+        off with an error when the graceful shutdown times out."""
+        await shutting_down.wait()
+        self.closing = True
+        self.wake()
 
     def idle_runners(self) -> list[str]:
         """Runners with a poll parked right now, in the order they began polling."""
@@ -98,14 +107,14 @@ class Dispatcher:
 
     async def poll(self, runner_id: str, receive: Receive) -> dict[str, Any] | None:
         """A runner's long-poll: stop commands, a deregistration or a claimed run as soon as
-        there is one, else None once RUNNER_POLL_TIMEOUT has passed (monotonic clock). Raises
-        runners.UnknownRunner. Nothing is taken for a client that has gone away, and what was
-        taken as it left is put back."""
+        there is one, else None once RUNNER_POLL_TIMEOUT has passed (monotonic clock) or the
+        server shuts down. Raises runners.UnknownRunner. Nothing is taken for a client that has
+        gone away, and what was taken as it left is put back."""
         deadline = time.monotonic() + self.settings.runner_poll_timeout
         with self._waiting(runner_id) as waiter:
             watcher = asyncio.ensure_future(_watch_disconnect(receive, waiter))
             try:
-                while not waiter.gone:
+                while not (waiter.gone or self.closing):
                     waiter.event.clear()
                     outcome = await self.db.write(runners.next_for_runner, runner_id, self.started_at)
                     if outcome is None:
