@@ -155,6 +155,7 @@ class Settings:
     keep_alive_timeout: float = 5.0
     max_connections: int = 2048
     api_token: str | None = None
+    run_stop_timeout: float = 300.0
 
     @property
     def data_dir(self) -> Path:
@@ -219,6 +220,7 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("MAX_CONNECTIONS", "max_connections", _positive_int),
     ("COORDINATOR_API_TOKEN", "api_token", _token),
     ("COORDINATOR_API_TOKEN_FILE", "api_token", _token_file),
+    ("RUN_STOP_TIMEOUT", "run_stop_timeout", _positive_float),
 ]
 
 

@@ -1,5 +1,6 @@
 """Run dispatch: runners' long-polls, what wakes them and how a shutdown ends them, the periodic
-lifecycle and no-match checks, callbacks, and start-up recovery.
+checks (silent runners, unmatched runs, runs nobody will report on), callbacks, and start-up
+recovery.
 
 Dispatch is event-driven. Every waiting poll has an event; the route that commits a change a
 runner must hear about sets it right after the commit: a new or returned run wakes every waiting
@@ -58,6 +59,8 @@ class Dispatcher:
         self.settings = settings
         self._waiters: dict[str, set[_Waiter]] = {}
         self.closing = False  # the server is shutting down: polls are answered at once
+        # Session id -> when a lifecycle check first saw it being stopped (monotonic clock).
+        self._stopping_since: dict[str, float] = {}
         # Runner silence is counted from here at the earliest: a restart is not their fault. A
         # registration not seen alive since is free for a new one of its identity.
         self.started_at = now_ts()
@@ -166,8 +169,9 @@ class Dispatcher:
         )
 
     async def run(self) -> None:
-        """Every RUNNER_LIFECYCLE_INTERVAL: mark silent runners stale or remove them, and fail
-        pending runs whose demands nobody met in time (announced as `run_failed`)."""
+        """Every RUNNER_LIFECYCLE_INTERVAL: mark silent runners stale or remove them, fail
+        pending runs whose demands nobody met in time (announced as `run_failed`), and settle
+        the runs no runner will report on."""
         while True:
             await anyio.sleep(self.settings.runner_lifecycle_interval)
             try:
@@ -185,8 +189,35 @@ class Dispatcher:
             self.wake(runner_id)
         for run in await self.db.write(runs.fail_timed_out_runs):
             log.info("run %s failed: no matching runner within %g s", run.run_id, s.run_no_match_timeout)
-            payload = {"run_id": run.run_id, "error": run.error, "session_id": run.session_id}
-            self.broadcaster.publish("run_failed", payload, run.session_id)
+            self._run_failed(run)
+        await self._settle_lost_runs()
+
+    async def _settle_lost_runs(self) -> None:
+        """Settle the runs no runner will report on: those in flight whose runner is gone, and
+        those of sessions stopping for RUN_STOP_TIMEOUT whose runner never sent `/stopped` (it
+        had lost the run). A stop's time is not stored: the timeout counts from the first check
+        that saw it."""
+        now = time.monotonic()
+        stopping = await self.db.read(runs.stopping_sessions)
+        self._stopping_since = {session_id: self._stopping_since.get(session_id, now) for session_id in stopping}
+        timeout = self.settings.run_stop_timeout
+        overdue = [session_id for session_id, since in self._stopping_since.items() if now - since >= timeout]
+        settled = await self.db.write(runners.settle_lost_runs, overdue)
+        for run in settled.ended:
+            if run.status == "failed":
+                log.info("run %s failed: runner %s no longer registered", run.run_id, run.runner_id)
+                self._run_failed(run)
+            else:
+                log.info("run %s stopped: no stop report from runner %s", run.run_id, run.runner_id)
+        for session in settled.sessions:
+            self.broadcaster.publish("session_updated", {"session": session}, session.session_id)
+        if settled.resumed:
+            self.wake()
+
+    def _run_failed(self, run: Run) -> None:
+        payload = {"run_id": run.run_id, "error": run.error, "session_id": run.session_id}
+        self.broadcaster.publish("run_failed", payload, run.session_id)
+
 
 async def _watch_disconnect(receive: Receive, waiter: _Waiter) -> None:
     """Flag the waiter and wake it when the client hangs up (a GET has no body to read, so
