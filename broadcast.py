@@ -90,8 +90,9 @@ def encode(type_: str, payload: dict[str, Any], session_id: str | None, cursor: 
     return Message(type_, session_id, cursor, _encoder.encode(payload))
 
 
-class Dropped(Exception):
-    """The subscriber fell behind by more than its queue holds and was disconnected."""
+class Ended(Exception):
+    """The subscription ended: the subscriber fell behind by more than its queue holds
+    (`dropped`), or the server is shutting down (`shutdown`)."""
 
 
 class TooManySubscribers(Exception):
@@ -110,8 +111,9 @@ class Subscriber:
         self._max_bytes = max_bytes
         self._queue: deque[Message] = deque()
         self.buffered_bytes = 0  # the queue's messages, or the replay page not yet sent
+        self.ended: str | None = None  # why it ended: "dropped" or "shutdown"
         self._ready = asyncio.Event()
-        self._dropped = asyncio.Event()
+        self._ended = asyncio.Event()
 
     def offer(self, message: Message) -> bool:
         """Queue a message; False (and the subscriber is dropped) when that would pass the bound
@@ -119,29 +121,31 @@ class Subscriber:
         if self._queue and (
             len(self._queue) >= self._max_messages or self.buffered_bytes + message.size > self._max_bytes
         ):
-            self._queue.clear()
-            self.buffered_bytes = 0
-            self._dropped.set()
-            self._ready.set()
+            self.end("dropped")
             return False
         self._queue.append(message)
         self.buffered_bytes += message.size
         self._ready.set()
         return True
 
-    @property
-    def dropped(self) -> bool:
-        return self._dropped.is_set()
+    def end(self, reason: str) -> None:
+        """End the subscription (its queue is freed); the first reason given stays."""
+        if self.ended is None:
+            self.ended = reason
+            self._queue.clear()
+            self.buffered_bytes = 0
+            self._ended.set()
+            self._ready.set()
 
-    async def wait_dropped(self) -> None:
-        await self._dropped.wait()
+    async def wait_ended(self) -> None:
+        await self._ended.wait()
 
     async def get(self, timeout: float | None = None) -> Message | None:
         """The next message in broadcast order, or None after `timeout` seconds without one;
-        raises Dropped once the subscriber is dropped. A timer is only set when waiting."""
+        raises Ended once the subscription ended. A timer is only set when waiting."""
         while not self._queue:
-            if self.dropped:
-                raise Dropped
+            if self.ended:
+                raise Ended(self.ended)
             self._ready.clear()
             if timeout is None:
                 await self._ready.wait()
@@ -150,8 +154,8 @@ class Subscriber:
                     await self._ready.wait()
                 if idle.cancelled_caught:
                     return None
-        if self.dropped:
-            raise Dropped
+        if self.ended:
+            raise Ended(self.ended)
         message = self._queue.popleft()
         self.buffered_bytes -= message.size
         return message
@@ -233,9 +237,11 @@ class Broadcaster:
 
     async def follow(self, subscriber: Subscriber, idle: float | None = None) -> AsyncIterator[Message | None]:
         """Everything after the subscriber's cursor: the stored log until it is current, then
-        live messages (None after each `idle` seconds without one). Raises Dropped."""
+        live messages (None after each `idle` seconds without one). Raises Ended."""
         known_deleted: int | None = None
         while not self._go_live_if_current(subscriber):
+            if subscriber.ended:
+                raise Ended(subscriber.ended)
             upto = self.cursor
             # Only as much as the byte budget holds; the next page once this one is sent.
             page = await self._read_page(subscriber.cursor, upto, subscriber.session_id, self.buffer_bytes)
@@ -253,6 +259,13 @@ class Broadcaster:
                 subscriber.cursor = max(subscriber.cursor, upto)
         while True:
             yield await subscriber.get(idle)
+
+    async def close_when(self, shutting_down: asyncio.Event) -> None:
+        """Once the server shuts down, end every subscription: clients resume on the next
+        process instead of holding this one up until its graceful shutdown times out."""
+        await shutting_down.wait()
+        for subscriber in list(self._subscribers):
+            subscriber.end("shutdown")
 
     async def run(self) -> None:
         while True:

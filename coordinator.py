@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 
 import anyio
 import apsw
+import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -164,6 +165,7 @@ class Settings:
     max_connections: int = 2048
     api_token: str | None = None
     database_max_mb: float = 0.0  # 0: no cap
+    run_stop_timeout: float = 300.0
 
     @property
     def data_dir(self) -> Path:
@@ -230,6 +232,7 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("COORDINATOR_API_TOKEN", "api_token", _token),
     ("COORDINATOR_API_TOKEN_FILE", "api_token", _token_file),
     ("DATABASE_MAX_MB", "database_max_mb", _non_negative_float),
+    ("RUN_STOP_TIMEOUT", "run_stop_timeout", _positive_float),
 ]
 
 
@@ -266,11 +269,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if settings.metrics_enabled:
             app.state.metrics = metrics.Metrics(app.state)
             db.on_write = app.state.metrics.observe_write
-        app.state.dispatcher = dispatcher = Dispatcher(db, broadcaster, settings)
+        app.state.dispatcher = dispatcher = Dispatcher(db, settings)
+        # Set once the server begins to shut down (see Server): held polls and streams end then.
+        app.state.shutting_down = asyncio.Event()
         try:
             await dispatcher.recover()
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(broadcaster.run)
+                tasks.start_soon(dispatcher.close_when, app.state.shutting_down)
+                tasks.start_soon(broadcaster.close_when, app.state.shutting_down)
                 if settings.retention_days:
                     tasks.start_soon(retention.run_periodically, db, settings.retention_days, settings.retention_interval)
                 tasks.start_soon(dispatcher.run)
@@ -307,6 +314,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers=errors.handlers,
         lifespan=lifespan,
     )
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, setting the app's `shutting_down` event as its shutdown begins (on
+    SIGTERM or SIGINT). uvicorn runs the lifespan shutdown only once every connection has
+    closed, so held long-polls and live streams need the word earlier: otherwise they hold the
+    exit up until `timeout_graceful_shutdown` and are then cancelled mid-answer."""
+
+    async def shutdown(self, sockets=None) -> None:
+        # Those waiting on the event run at the first pause of uvicorn's shutdown, after it told
+        # every connection to close: their last answers go out with `Connection: close`.
+        self.config.app.state.shutting_down.set()
+        await super().shutdown(sockets)
 
 
 def _backup(source: Path, target: Path) -> None:
@@ -349,13 +369,11 @@ def main(argv: list[str] | None = None) -> None:
     if settings.api_token is None:
         log.warning("authentication is off: whoever can reach the port can use the API")
 
-    import uvicorn
-
     app = create_app(settings)
     # What is loaded by now lives as long as the process: full collections need not scan it
     # again (they took ~30 ms instead of ~5 with 200 live subscribers, pausing every one).
     gc.freeze()
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host or settings.host,
         port=settings.port if args.port is None else args.port,
@@ -373,6 +391,11 @@ def main(argv: list[str] | None = None) -> None:
         timeout_keep_alive=settings.keep_alive_timeout,
         limit_concurrency=settings.max_connections,  # beyond: 503 at once
     )
+    server = Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises SIGINT again once it has stopped
+        server.run()
+    if not server.started:
+        sys.exit(3)  # uvicorn logged why; its own exit status for a failed start
 
 
 if __name__ == "__main__":

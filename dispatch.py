@@ -1,5 +1,6 @@
-"""Run dispatch: runners' long-polls and what wakes them, the periodic lifecycle and no-match
-checks, callbacks, and start-up recovery.
+"""Run dispatch: runners' long-polls, what wakes them and how a shutdown ends them, the periodic
+checks (silent runners, unmatched runs, runs nobody will report on), callbacks, and start-up
+recovery.
 
 Dispatch is event-driven. Every waiting poll has an event; the route that commits a change a
 runner must hear about sets it right after the commit: a new or returned run wakes every waiting
@@ -24,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Iterator
 import anyio
 from starlette.types import Receive
 
-from broadcast import Broadcaster
 from models import Run
 from store import callbacks, runners, runs
 from store.db import Database
@@ -52,13 +52,16 @@ class _Waiter:
 
 
 class Dispatcher:
-    def __init__(self, db: Database, broadcaster: Broadcaster, settings: Settings):
+    def __init__(self, db: Database, settings: Settings):
         self.db = db
-        self.broadcaster = broadcaster
         self.settings = settings
         self._waiters: dict[str, set[_Waiter]] = {}
-        # Runner silence is counted from here at the earliest: a restart is not their fault.
-        self._started_at = now_ts()
+        self.closing = False  # the server is shutting down: polls are answered at once
+        # Session id -> when a lifecycle check first saw it being stopped (monotonic clock).
+        self._stopping_since: dict[str, float] = {}
+        # Runner silence is counted from here at the earliest: a restart is not their fault. A
+        # registration not seen alive since is free for a new one of its identity.
+        self.started_at = now_ts()
 
     # -- long-polls ---------------------------------------------------------------------
 
@@ -68,6 +71,14 @@ class Dispatcher:
         for group in groups:
             for waiter in group:
                 waiter.event.set()
+
+    async def close_when(self, shutting_down: asyncio.Event) -> None:
+        """Once the server shuts down, answer every held poll, and any later one, at once with
+        nothing (204): the runners poll again and reach the next process, instead of being cut
+        off with an error when the graceful shutdown times out."""
+        await shutting_down.wait()
+        self.closing = True
+        self.wake()
 
     def idle_runners(self) -> list[str]:
         """Runners with a poll parked right now, in the order they began polling."""
@@ -97,16 +108,16 @@ class Dispatcher:
 
     async def poll(self, runner_id: str, receive: Receive) -> dict[str, Any] | None:
         """A runner's long-poll: stop commands, a deregistration or a claimed run as soon as
-        there is one, else None once RUNNER_POLL_TIMEOUT has passed (monotonic clock). Raises
-        runners.UnknownRunner. Nothing is taken for a client that has gone away, and what was
-        taken as it left is put back."""
+        there is one, else None once RUNNER_POLL_TIMEOUT has passed (monotonic clock) or the
+        server shuts down. Raises runners.UnknownRunner. Nothing is taken for a client that has
+        gone away, and what was taken as it left is put back."""
         deadline = time.monotonic() + self.settings.runner_poll_timeout
         with self._waiting(runner_id) as waiter:
             watcher = asyncio.ensure_future(_watch_disconnect(receive, waiter))
             try:
-                while not waiter.gone:
+                while not (waiter.gone or self.closing):
                     waiter.event.clear()
-                    outcome = await self.db.write(runners.next_for_runner, runner_id)
+                    outcome = await self.db.write(runners.next_for_runner, runner_id, self.started_at)
                     if outcome is None:
                         waiter.parked = True
                         with anyio.move_on_after(deadline - time.monotonic()):
@@ -156,8 +167,9 @@ class Dispatcher:
         )
 
     async def run(self) -> None:
-        """Every RUNNER_LIFECYCLE_INTERVAL: mark silent runners stale or remove them, and fail
-        pending runs whose demands nobody met in time (announced as `run_failed`)."""
+        """Every RUNNER_LIFECYCLE_INTERVAL: mark silent runners stale or remove them, fail
+        pending runs whose demands nobody met in time (announced as `run_failed`), and settle
+        the runs no runner will report on."""
         while True:
             await anyio.sleep(self.settings.runner_lifecycle_interval)
             try:
@@ -168,13 +180,33 @@ class Dispatcher:
     async def check(self) -> None:
         s = self.settings
         removed = await self.db.write(
-            runners.update_lifecycle, s.runner_stale_threshold, s.runner_remove_threshold, self._started_at
+            runners.update_lifecycle, s.runner_stale_threshold, s.runner_remove_threshold, self.started_at
         )
         for runner_id in removed:
             log.info("runner %s removed: no heartbeat for %g s", runner_id, s.runner_remove_threshold)
             self.wake(runner_id)
         for run in await self.db.write(runs.fail_timed_out_runs):  # each announced as `run_failed`
             log.info("run %s failed: no matching runner within %g s", run.run_id, s.run_no_match_timeout)
+        await self._settle_lost_runs()
+
+    async def _settle_lost_runs(self) -> None:
+        """Settle the runs no runner will report on: those in flight whose runner is gone, and
+        those of sessions stopping for RUN_STOP_TIMEOUT whose runner never sent `/stopped` (it
+        had lost the run). A stop's time is not stored: the timeout counts from the first check
+        that saw it."""
+        now = time.monotonic()
+        stopping = await self.db.read(runs.stopping_sessions)
+        self._stopping_since = {session_id: self._stopping_since.get(session_id, now) for session_id in stopping}
+        timeout = self.settings.run_stop_timeout
+        overdue = [session_id for session_id, since in self._stopping_since.items() if now - since >= timeout]
+        settled = await self.db.write(runners.settle_lost_runs, overdue)  # announced by the verb
+        for run in settled.ended:
+            if run.status == "failed":
+                log.info("run %s failed: runner %s no longer registered", run.run_id, run.runner_id)
+            else:
+                log.info("run %s stopped: no stop report from runner %s", run.run_id, run.runner_id)
+        if settled.resumed:
+            self.wake()
 
 
 async def _watch_disconnect(receive: Receive, waiter: _Waiter) -> None:

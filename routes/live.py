@@ -14,13 +14,14 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from broadcast import Dropped, Message, Subscriber, TooManySubscribers, encode
+from broadcast import Ended, Message, Subscriber, TooManySubscribers, encode
 from routes.common import SQL_INT_MAX, query_bool, upgrade_required
 from store import cache, sessions
 
 log = logging.getLogger("coordinator.live")
 
 CLOSE_TIMEOUT = 10.0  # for the close frame to get through to a peer that fell behind
+CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_AGAIN = 1013
 CLOSE_POLICY = 1008
 
@@ -72,15 +73,22 @@ async def ws_endpoint(websocket: WebSocket):
     with broadcaster.subscribe(session_id, since) as subscriber:
         async with anyio.create_task_group() as tasks:
             # Whichever ends first ends the subscription: the peer leaves, the broadcaster
-            # drops it (even while a send is stuck on a full socket), or sending fails.
+            # drops it or shuts down (even while a send is stuck on a full socket), or sending fails.
             stop = tasks.cancel_scope.cancel
             tasks.start_soon(_ignore_client_frames, websocket, stop)
-            tasks.start_soon(_call_when_dropped, subscriber, stop)
+            tasks.start_soon(_call_when_ended, subscriber, stop)
             await _send_frames(websocket, _messages(websocket, subscriber, True, since), since is not None)
             stop()
-    if subscriber.dropped:
+    if subscriber.ended:
+        code, reason = _CLOSE[subscriber.ended]
         with anyio.move_on_after(CLOSE_TIMEOUT):
-            await websocket.close(CLOSE_TRY_AGAIN, "Subscriber fell behind; reconnect with since=<last cursor>")
+            await websocket.close(code, reason)
+
+
+_CLOSE = {
+    "dropped": (CLOSE_TRY_AGAIN, "Subscriber fell behind; reconnect with since=<last cursor>"),
+    "shutdown": (CLOSE_GOING_AWAY, "Server shutting down; reconnect with since=<last cursor>"),
+}
 
 
 async def _ignore_client_frames(websocket: WebSocket, on_disconnect: Callable[[], None]) -> None:
@@ -90,8 +98,8 @@ async def _ignore_client_frames(websocket: WebSocket, on_disconnect: Callable[[]
     on_disconnect()
 
 
-async def _call_when_dropped(subscriber: Subscriber, stop: Callable[[], None]) -> None:
-    await subscriber.wait_dropped()
+async def _call_when_ended(subscriber: Subscriber, stop: Callable[[], None]) -> None:
+    await subscriber.wait_ended()
     stop()
 
 
@@ -99,7 +107,7 @@ async def _send_frames(websocket: WebSocket, messages: AsyncIterator[Message], w
     """Send until the peer leaves or is dropped. No timer per frame: a peer stuck on a full
     socket is dropped by the broadcaster once its queue fills, a dead one closed by uvicorn's
     ping timeout."""
-    with contextlib.suppress(Dropped, WebSocketDisconnect, OSError):
+    with contextlib.suppress(Ended, WebSocketDisconnect, OSError):
         async for message in messages:
             await websocket.send_text(message.ws_frame_cursor if with_cursor else message.ws_frame)
 
@@ -127,7 +135,7 @@ async def sse_sessions(request: Request):
             with broadcaster.subscribe(session_id, since) as subscriber:
                 async for message in _messages(request, subscriber, init, since, heartbeat):
                     yield b": heartbeat\n\n" if message is None else message.sse_frame
-        except (Dropped, TooManySubscribers):
+        except (Ended, TooManySubscribers):
             log.info("SSE subscriber ended early; it may resume with Last-Event-ID")
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)

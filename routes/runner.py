@@ -39,7 +39,8 @@ async def register(request: Request):
     body = await read_body(request, _register)
     try:
         runner = await request.app.state.db.write(
-            runners.register_runner, body.hostname, body.project_dir, body.executor_type, body.tags
+            runners.register_runner, body.hostname, body.project_dir, body.executor_type, body.tags,
+            request.app.state.dispatcher.started_at,
         )
     except runners.DuplicateRunner as exc:
         raise HTTPException(409, exc.detail) from None

@@ -6,7 +6,7 @@ Registrations live in SQLite, so a runner keeps its id across coordinator restar
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import apsw
 import msgspec
@@ -18,6 +18,7 @@ from store.sessions import get_session, update_session
 from store.stamps import now_ts, runner_id as derive_runner_id
 
 _COLUMNS = "runner_id, registered_at, last_heartbeat, hostname, project_dir, executor_type, tags, status"
+STOPPED = "Session was manually stopped"  # what a parent hears of a stopped child
 
 
 class UnknownRunner(Exception):
@@ -66,11 +67,12 @@ def list_runners(conn: apsw.Connection) -> list[Runner]:
 
 
 def register_runner(
-    conn: apsw.Connection, hostname: str, project_dir: str, executor_type: str, tags: list[str] | None
+    conn: apsw.Connection, hostname: str, project_dir: str, executor_type: str, tags: list[str] | None, since: str
 ) -> Runner:
-    """A new identity registers `online`; a `stale` one reconnects (keeping `registered_at`,
-    its tags unless new ones are sent, and its queued stop commands); an `online` one is a
-    duplicate."""
+    """A new identity registers `online`. A known one reconnects (keeping `registered_at`, its
+    tags unless new ones are sent, and its queued stop commands) if it is `stale`, or if it has
+    not heartbeated or polled since `since`, the coordinator's start: that registration is left
+    from before a restart, and this is its runner started again. Any other is a duplicate."""
     runner_id = derive_runner_id(hostname, project_dir, executor_type)
     existing = get_runner(conn, runner_id)
     now = now_ts()
@@ -80,7 +82,7 @@ def register_runner(
             f"INSERT INTO runners ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 'online')",
             (runner_id, now, now, hostname, project_dir, executor_type, tags_json or "[]"),
         )
-    elif existing.status == "online":
+    elif existing.status == "online" and existing.last_heartbeat >= since:
         raise DuplicateRunner(existing)
     else:
         conn.execute(
@@ -125,10 +127,15 @@ def update_lifecycle(
     return [runner_id for (runner_id,) in removed]
 
 
-def next_for_runner(conn: apsw.Connection, runner_id: str) -> dict[str, Any] | None:
+def next_for_runner(conn: apsw.Connection, runner_id: str, since: str) -> dict[str, Any] | None:
     """One round of a long-poll, in priority order: queued stop commands, then a pending
-    deregistration (the runner is removed), then a claim. None when there is nothing."""
+    deregistration (the runner is removed), then a claim. None when there is nothing.
+
+    The first poll since `since` (the coordinator's start) records a heartbeat: the runner
+    lived through the restart, so its identity is not free for a new registration."""
     runner = require_runner(conn, runner_id)
+    if runner.last_heartbeat < since:
+        heartbeat(conn, runner_id)
     if stops := runs.take_stops(conn, runner_id):
         return {"stop_runs": stops}
     conn.execute("DELETE FROM runners WHERE runner_id = ? AND deregistering", (runner_id,))
@@ -169,9 +176,40 @@ def report(
     runs.finish_run(conn, run_id, status, error)
     session = None
     if status == "stopped":
-        error = "Session was manually stopped"
+        error = STOPPED
         session = runs.set_session_status(conn, run.session_id, "stopped")
-    resumed = None
-    if status != "completed" and run.parent_session_id and run.execution_mode == "async_callback":
-        resumed = callbacks.child_completed(conn, run.parent_session_id, callbacks.Outcome(run.session_id, True, error))
-    return session, resumed
+    return session, None if status == "completed" else _tell_parent(conn, run, error)
+
+
+def _tell_parent(conn: apsw.Connection, run: Run, error: str | None) -> Run | None:
+    """A failed or stopped `async_callback` child reports to its parent; returns the parent's
+    resume run if one is queued now."""
+    if run.parent_session_id and run.execution_mode == "async_callback":
+        return callbacks.child_completed(conn, run.parent_session_id, callbacks.Outcome(run.session_id, True, error))
+    return None
+
+
+class Settled(NamedTuple):
+    """What `settle_lost_runs` did: runs ended, sessions stopped, parents' resume runs queued."""
+
+    ended: list[Run]
+    sessions: list[Session]
+    resumed: list[Run]
+
+
+def settle_lost_runs(conn: apsw.Connection, overdue_sessions: list[str]) -> Settled:
+    """End the runs no runner will report on (`runs.end_lost_runs`: their runner is gone, or
+    their session has been stopping too long) as the missing report would have, parents
+    told; then each of their sessions, and each overdue one, that has nothing left in flight
+    and has not finished is `stopped`. Failures and sessions are announced."""
+    settled = Settled(runs.end_lost_runs(conn, overdue_sessions), [], [])
+    for run in settled.ended:
+        if run.status == "failed":
+            runs.announce_failed(conn, run)
+    for run in settled.ended:
+        if resumed := _tell_parent(conn, run, STOPPED if run.status == "stopped" else run.error):
+            settled.resumed.append(resumed)
+    for session_id in dict.fromkeys([*(run.session_id for run in settled.ended), *overdue_sessions]):
+        if session := runs.settle_session(conn, session_id):
+            settled.sessions.append(session)
+    return settled

@@ -12,7 +12,7 @@ import apsw
 import msgspec
 
 from models import RUN_COLUMNS, Run, Runner, Session
-from store.changes import record
+from store.changes import record, record_session
 from store.errors import NotFound, Rejected
 from store.sessions import create_session, get_session, require_session, update_metadata
 from store.stamps import new_run_id, now_ts
@@ -21,6 +21,7 @@ RUN_NOT_FOUND = "Run not found"
 PROPERTIES = ("hostname", "project_dir", "executor_type")
 # Recovery: a claim or start older than this is taken as lost when the coordinator restarts.
 RECOVERY_AGE_SECONDS = 300
+RUNNER_GONE = "Runner no longer registered"
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
@@ -268,9 +269,50 @@ def fail_timed_out_runs(conn: apsw.Connection) -> list[Run]:
     ).fetchall()
     failed = [_run(row) for row in rows]
     for run in failed:
-        payload = {"run_id": run.run_id, "error": run.error, "session_id": run.session_id}
-        record(conn, "run_failed", run.session_id, payload)
+        announce_failed(conn, run)
     return failed
+
+
+def announce_failed(conn: apsw.Connection, run: Run) -> None:
+    """`run_failed`, for a run that failed without its runner saying so."""
+    record(conn, "run_failed", run.session_id, {"run_id": run.run_id, "error": run.error, "session_id": run.session_id})
+
+
+def stopping_sessions(conn: apsw.Connection) -> list[str]:
+    """Sessions being stopped: `stopping` themselves, or with a `stopping` run."""
+    rows = conn.execute(
+        "SELECT session_id FROM sessions WHERE status = 'stopping'"
+        " UNION SELECT session_id FROM runs WHERE status = 'stopping'"
+    )
+    return [session_id for (session_id,) in rows]
+
+
+def end_lost_runs(conn: apsw.Connection, overdue_sessions: list[str]) -> list[Run]:
+    """Runs no report will end: those in flight whose runner is no longer registered become
+    `failed` (`stopped` if they were `stopping`), and the `stopping` runs of the
+    `overdue_sessions` `stopped`."""
+    rows = conn.execute(
+        f"UPDATE runs SET status = iif(status = 'stopping', 'stopped', 'failed'),"
+        f" error = iif(status = 'stopping', error, ?1), completed_at = ?2"
+        f" WHERE status IN ('claimed', 'running', 'stopping')"
+        f" AND (runner_id NOT IN (SELECT runner_id FROM runners)"
+        f" OR status = 'stopping' AND session_id IN (SELECT value FROM json_each(?3)))"
+        f" RETURNING {RUN_COLUMNS}",
+        (RUNNER_GONE, now_ts(), _encode(overdue_sessions).decode()),
+    ).fetchall()
+    return [_run(row) for row in rows]
+
+
+def settle_session(conn: apsw.Connection, session_id: str) -> Session | None:
+    """A session still `pending`, `running` or `stopping` with no run left in flight is
+    `stopped`; returns it then."""
+    conn.execute(
+        "UPDATE sessions SET status = 'stopped' WHERE session_id = ?1"
+        " AND status IN ('pending', 'running', 'stopping') AND NOT EXISTS (SELECT 1 FROM runs"
+        " WHERE session_id = ?1 AND status IN ('pending', 'claimed', 'running', 'stopping'))",
+        (session_id,),
+    )
+    return record_session(conn, "session_updated", require_session(conn, session_id)) if conn.changes() else None
 
 
 def recover_runs(conn: apsw.Connection, mode: str) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import requests
 import uvicorn
 
-from coordinator import Settings, create_app
+from coordinator import Server, Settings, create_app
 
 
 class RunningServer:
@@ -27,7 +28,7 @@ class RunningServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         config = uvicorn.Config(self.app, ws="websockets-sansio", log_level="warning", lifespan="on")
-        self._server = uvicorn.Server(config)
+        self._server = Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]})
 
     @property
@@ -46,7 +47,7 @@ class RunningServer:
         return self
 
     def stop(self) -> None:
-        self._server.should_exit = True
+        self._server.handle_exit(signal.SIGTERM, None)  # what a SIGTERM does (signals reach the main thread only)
         self._thread.join(timeout=15)
         self._sock.close()
 

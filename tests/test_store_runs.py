@@ -9,6 +9,8 @@ from store.errors import Conflict, NotFound, Rejected
 from store.sessions import create_session, get_session, update_session
 from store.stamps import now_ts
 
+STARTED = now_ts()  # the coordinator's start, for the verbs that count from it
+
 
 @pytest.fixture
 def db(tmp_path):
@@ -132,7 +134,7 @@ def test_no_match_timeout_fails_only_expired_pending_runs(db):
 
 
 def register(db, hostname="h", tags=None) -> Runner:
-    return db.write_sync(runners.register_runner, hostname, "/p", "x", tags)
+    return db.write_sync(runners.register_runner, hostname, "/p", "x", tags, STARTED)
 
 
 def test_register_duplicate_and_reconnect(db):
@@ -144,7 +146,7 @@ def test_register_duplicate_and_reconnect(db):
     again = register(db)
     assert (again.registered_at, again.tags, again.status) == (first.registered_at, ["a"], "online")
     assert again.last_heartbeat > first.last_heartbeat
-    assert db.write_sync(runners.next_for_runner, again.runner_id) is None  # flag cleared
+    assert db.write_sync(runners.next_for_runner, again.runner_id, STARTED) is None  # flag cleared
 
 
 def test_heartbeat_and_lifecycle(db):
@@ -185,13 +187,13 @@ def test_poll_round_order_stops_then_deregistration_then_claim(db):
     run = queue(db)
     db.write_sync(runs.queue_stops, r.runner_id, ["run_old"])
     db.write_sync(runners.deregister_runner, r.runner_id, False)
-    assert db.write_sync(runners.next_for_runner, r.runner_id) == {"stop_runs": ["run_old"]}
-    assert db.write_sync(runners.next_for_runner, r.runner_id) == {"deregistered": True}
+    assert db.write_sync(runners.next_for_runner, r.runner_id, STARTED) == {"stop_runs": ["run_old"]}
+    assert db.write_sync(runners.next_for_runner, r.runner_id, STARTED) == {"deregistered": True}
     with pytest.raises(runners.UnknownRunner):
-        db.write_sync(runners.next_for_runner, r.runner_id)
+        db.write_sync(runners.next_for_runner, r.runner_id, STARTED)
     assert status(db, run.run_id) == "pending"
     r = register(db)
-    assert db.write_sync(runners.next_for_runner, r.runner_id)["run"].run_id == run.run_id
+    assert db.write_sync(runners.next_for_runner, r.runner_id, STARTED)["run"].run_id == run.run_id
 
 
 # -- stopping -----------------------------------------------------------------------------
