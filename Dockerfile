@@ -7,10 +7,11 @@ ENV MALLOC_ARENA_MAX=2
 WORKDIR /app
 
 COPY pyproject.toml setup.cfg README.md ./
-COPY coordinator.py models.py broadcast.py logs.py dispatch.py auth.py http_guard.py ./
+COPY coordinator.py models.py broadcast.py logs.py dispatch.py auth.py oidc.py http_guard.py ./
 COPY routes ./routes
 COPY store ./store
-RUN pip install ".[metrics]" \
+# Both optional extras: METRICS_ENABLED and AUTH_ENABLED work without rebuilding the image.
+RUN pip install ".[metrics,oidc]" \
     && useradd --system --uid 1000 --home-dir /app coordinator \
     && mkdir -p /app/.agent-orchestrator \
     && chown coordinator /app/.agent-orchestrator

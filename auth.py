@@ -1,43 +1,75 @@
-"""Bearer-token authentication, opt-in: a pure ASGI middleware.
+"""Bearer authentication, opt-in: a pure ASGI middleware.
 
-With a token configured (`COORDINATOR_API_TOKEN` or `COORDINATOR_API_TOKEN_FILE`), every
-request but `GET /health` and the static page `GET /` must carry `Authorization: Bearer
-<token>`; the live streams (`/ws`, `/sse/sessions`) may pass `?api_key=<token>` instead, because
-browsers cannot set headers on WebSockets and EventSource. Without a token the middleware is not
-installed: every request passes, credentials or not. CORS preflights never get here: the CORS
-middleware, installed outside this one, answers them.
+A credential is a static token (`COORDINATOR_API_TOKEN` or `COORDINATOR_API_TOKEN_FILE`), an OIDC
+access token that `oidc.JwtVerifier` accepts (`AUTH_ENABLED`), or either when both are configured.
+Every request but `GET /health` and the static page `GET /` must then carry one as
+`Authorization: Bearer <credential>`; the live streams (`/ws`, `/sse/sessions`) may pass
+`?api_key=<credential>` instead, because browsers cannot set headers on WebSockets and
+EventSource. With neither configured the middleware is not installed: every request passes,
+credentials or not. CORS preflights never get here: the CORS middleware, installed outside this
+one, answers them.
 """
 
 from __future__ import annotations
 
 import hmac
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
+import anyio
 import msgspec
 
-OPEN_PATHS = {"/health", "/"}  # the live page is static: its data needs the token
+if TYPE_CHECKING:
+    from oidc import JwtVerifier
+
+OPEN_PATHS = {"/health", "/"}  # the live page is static: its data needs a credential
 QUERY_KEY_PATHS = {"/ws", "/sse/sessions"}
 
 
-class TokenAuth:
-    """The middleware, installed only when a token is configured."""
+class Rejected(Exception):
+    """A refused credential, with the status and detail to answer."""
 
-    def __init__(self, app, token: str):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class BearerAuth:
+    """The middleware, installed only when a static token, a JWT verifier or both are configured."""
+
+    def __init__(self, app, token: str | None = None, verifier: JwtVerifier | None = None):
         self.app = app
-        self._token = token.encode()
+        self._token = None if token is None else token.encode()
+        self._verifier = verifier
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan" and self._verifier is not None:
+            # The issuer's keys are fetched while the app starts, and the start does not wait for them.
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._verifier.refresh)
+                await self.app(scope, receive, send)
+                tasks.cancel_scope.cancel()  # a fetch still waiting must not hold up the shutdown
+            return
         if scope["type"] not in ("http", "websocket") or _is_open(scope):
             await self.app(scope, receive, send)
             return
-        credential = _credential(scope)
-        if credential is None:
-            await _reject(scope, send, "Not authenticated")
-        # Constant time, so the answer's timing tells nothing about how much of a guess was right.
-        elif not hmac.compare_digest(credential, self._token):
-            await _reject(scope, send, "Invalid token")
+        try:
+            await self._check(_credential(scope))
+        except Rejected as rejected:
+            await _reject(scope, send, rejected.status, rejected.detail)
         else:
             await self.app(scope, receive, send)
+
+    async def _check(self, credential: bytes | None) -> None:
+        if not credential:
+            raise Rejected(401, "Not authenticated")
+        # Constant time, so the answer's timing tells nothing about how much of a guess was right.
+        if self._token is not None and hmac.compare_digest(credential, self._token):
+            return
+        if self._verifier is None:
+            raise Rejected(401, "Invalid token")
+        await self._verifier.verify(credential)
 
 
 def _is_open(scope) -> bool:
@@ -58,14 +90,12 @@ def _credential(scope) -> bytes | None:
     return None
 
 
-async def _reject(scope, send, detail: str) -> None:
-    """401 JSON; a WebSocket handshake gets the same answer instead of being upgraded."""
+async def _reject(scope, send, status: int, detail: str) -> None:
+    """A JSON error; a WebSocket handshake gets the same answer instead of being upgraded."""
     body = msgspec.json.encode({"detail": detail})
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"www-authenticate", b"Bearer"),
-    ]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
     if scope["type"] == "http":
         prefix = "http"
     elif "websocket.http.response" in scope.get("extensions", {}):
@@ -73,5 +103,5 @@ async def _reject(scope, send, detail: str) -> None:
     else:  # a server without handshake responses: refusing the upgrade is all there is
         await send({"type": "websocket.close", "code": 1008})
         return
-    await send({"type": f"{prefix}.response.start", "status": 401, "headers": headers})
+    await send({"type": f"{prefix}.response.start", "status": status, "headers": headers})
     await send({"type": f"{prefix}.response.body", "body": body})

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -27,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from auth import TokenAuth
+from auth import BearerAuth
 from broadcast import Broadcaster
 from dispatch import Dispatcher
 from http_guard import GuardedHttpProtocol
@@ -112,6 +113,23 @@ def _json_depth(raw: str) -> int:
     return value
 
 
+def _auth0_domain(raw: str) -> str:
+    domain = raw.strip()
+    if "/" in domain or ":" in domain:
+        raise ValueError("must be a host name such as tenant.eu.auth0.com, without https:// or /")
+    return domain
+
+
+def _issuer_url(raw: str) -> str:
+    url = raw.strip()
+    if not url:  # unset, as an empty AUTH0_DOMAIN is
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError("must be the issuer's URL, as in its tokens' iss claim (https://...)")
+    return url
+
+
 def _token(raw: str) -> str:
     token = raw.strip()
     if not token:
@@ -148,6 +166,9 @@ class Settings:
     auth_enabled: bool = False
     auth0_domain: str = ""
     auth0_audience: str = ""
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    jwks_min_fetch_interval: float = 30.0
     broadcast_queue_size: int = 1000
     subscriber_buffer_bytes: int = 4 * 1024 * 1024
     max_subscribers: int = 1000
@@ -179,6 +200,20 @@ class Settings:
     def agents_dir(self) -> Path:
         return self.agents_dir_override or self.data_dir / "agents"
 
+    @property
+    def jwt_issuer(self) -> str:
+        """The tokens' `iss`: Auth0's is its domain as an https URL, with the slash."""
+        return f"https://{self.auth0_domain}/" if self.auth0_domain else self.oidc_issuer
+
+    @property
+    def jwks_uri(self) -> str | None:
+        """Auth0's keys have a fixed address; other issuers name theirs in their discovery document."""
+        return f"https://{self.auth0_domain}/.well-known/jwks.json" if self.auth0_domain else None
+
+    @property
+    def jwt_audience(self) -> str:
+        return self.oidc_audience or self.auth0_audience
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -193,7 +228,23 @@ class Settings:
                 raise SettingsError(f"{var}={raw!r}: {exc}") from None
         if "COORDINATOR_API_TOKEN" in env and "COORDINATOR_API_TOKEN_FILE" in env:
             raise SettingsError("COORDINATOR_API_TOKEN and COORDINATOR_API_TOKEN_FILE are both set: use one")
-        return cls(**values)
+        settings = cls(**values)
+        if settings.auth_enabled:
+            _check_jwt_settings(settings)
+        return settings
+
+
+def _check_jwt_settings(settings: Settings) -> None:
+    # Exactly one of each pair: with two, one would be silently ignored.
+    issuers = bool(settings.auth0_domain) + bool(settings.oidc_issuer)
+    audiences = bool(settings.auth0_audience) + bool(settings.oidc_audience)
+    if issuers != 1 or audiences != 1:
+        raise SettingsError(
+            "AUTH_ENABLED=true needs the issuer (AUTH0_DOMAIN or OIDC_ISSUER, not both) and the audience"
+            " (AUTH0_AUDIENCE or OIDC_AUDIENCE, not both); unset AUTH_ENABLED to check only COORDINATOR_API_TOKEN"
+        )
+    if importlib.util.find_spec("jwt") is None or importlib.util.find_spec("cryptography") is None:
+        raise SettingsError("AUTH_ENABLED=true needs PyJWT and cryptography: pip install 'agent-coordinator[oidc]'")
 
 
 _ENV: list[tuple[str, str, Callable[[str], object]]] = [
@@ -212,8 +263,11 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("RUNNER_LIFECYCLE_INTERVAL", "runner_lifecycle_interval", _positive_float),
     ("RUN_NO_MATCH_TIMEOUT", "run_no_match_timeout", _positive_float),
     ("AUTH_ENABLED", "auth_enabled", _flag),
-    ("AUTH0_DOMAIN", "auth0_domain", str),
-    ("AUTH0_AUDIENCE", "auth0_audience", str),
+    ("AUTH0_DOMAIN", "auth0_domain", _auth0_domain),
+    ("AUTH0_AUDIENCE", "auth0_audience", str.strip),
+    ("OIDC_ISSUER", "oidc_issuer", _issuer_url),
+    ("OIDC_AUDIENCE", "oidc_audience", str.strip),
+    ("JWKS_MIN_FETCH_INTERVAL", "jwks_min_fetch_interval", _non_negative_float),
     ("BROADCAST_QUEUE_SIZE", "broadcast_queue_size", _positive_int),
     ("SUBSCRIBER_BUFFER_BYTES", "subscriber_buffer_bytes", _buffer_bytes),
     ("MAX_SUBSCRIBERS", "max_subscribers", _positive_int),
@@ -309,7 +363,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 allow_headers=["*"],
             ),
             # Inside CORS: preflights are answered before it, and its 401s carry CORS headers.
-            *([Middleware(TokenAuth, token=settings.api_token)] if settings.api_token else []),
+            *_auth_middleware(settings),
         ],
         exception_handlers=errors.handlers,
         lifespan=lifespan,
@@ -327,6 +381,20 @@ class Server(uvicorn.Server):
         # every connection to close: their last answers go out with `Connection: close`.
         self.config.app.state.shutting_down.set()
         await super().shutdown(sockets)
+
+
+def _auth_middleware(settings: Settings) -> list[Middleware]:
+    """Bearer checks for the static token, the issuer's JWTs or both; none when neither is set."""
+    verifier = None
+    if settings.auth_enabled:
+        from oidc import JwtVerifier  # PyJWT is an optional extra, imported only when used
+
+        verifier = JwtVerifier(
+            settings.jwt_issuer, settings.jwt_audience, settings.jwks_uri, settings.jwks_min_fetch_interval
+        )
+    if settings.api_token is None and verifier is None:
+        return []
+    return [Middleware(BearerAuth, token=settings.api_token, verifier=verifier)]
 
 
 def _backup(source: Path, target: Path) -> None:
@@ -354,11 +422,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "backup":
         _backup(settings.db_path, args.path)
         return
-    if settings.auth_enabled and settings.api_token is None:
-        sys.exit(
-            "agent-coordinator: AUTH_ENABLED is set, but Auth0 token validation is not supported:"
-            " set COORDINATOR_API_TOKEN (or COORDINATOR_API_TOKEN_FILE) to require a bearer token"
-        )
     logs.configure(settings.log_format == "json", settings.debug_logging)
     # Opened (its directory made, its schema migrated) once before serving: a database that
     # cannot be used stops the start with one line, where the lifespan would end in a traceback.
@@ -366,7 +429,9 @@ def main(argv: list[str] | None = None) -> None:
         Database(settings.db_path, 0).close()
     except (OSError, apsw.Error, DatabaseTooNew) as exc:
         sys.exit(f"agent-coordinator: cannot use the database {settings.db_path}: {exc}")
-    if settings.api_token is None:
+    if settings.auth_enabled:
+        log.info("accepting JWTs of %s for the audience %s", settings.jwt_issuer, settings.jwt_audience)
+    elif settings.api_token is None:
         log.warning("authentication is off: whoever can reach the port can use the API")
 
     app = create_app(settings)
