@@ -11,8 +11,9 @@ COPY coordinator.py ./
 COPY coordinator_core ./coordinator_core
 COPY routes ./routes
 COPY store ./store
-# Both optional extras: METRICS_ENABLED and AUTH_ENABLED work without rebuilding the image.
-RUN pip install ".[metrics,oidc]" \
+# Every optional extra: METRICS_ENABLED, AUTH_ENABLED and COORDINATOR_DATABASE_URL work without
+# rebuilding the image.
+RUN pip install ".[metrics,oidc,postgres]" \
     && useradd --system --uid 1000 --home-dir /app coordinator \
     && mkdir -p /app/.agent-orchestrator \
     && chown coordinator /app/.agent-orchestrator

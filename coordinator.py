@@ -2,7 +2,8 @@
 
 `python -m coordinator [--host H] [--port P]` serves the API; every setting comes from the
 environment once, at start-up (see README, "Configuration"). `python -m coordinator backup PATH`
-writes a consistent copy of the database, also while the server runs.
+writes a consistent copy of the SQLite database, also while the server runs; `python -m
+coordinator copy-db --to URL` copies it into an empty PostgreSQL database.
 """
 
 from __future__ import annotations
@@ -29,21 +30,14 @@ from coordinator_core.broadcast import Broadcaster
 from coordinator_core.dispatch import Dispatcher
 from coordinator_core.http_guard import GuardedHttpProtocol
 from coordinator_core.logs import RequestLog, log_request
-from coordinator_core.settings import Settings, SettingsError
+from coordinator_core.settings import Settings, SettingsError, parse_database_url, redact_url
 from routes import agents, errors, health, live, metrics, openapi, page, runner, runs, sessions
 from store import backup, changes, retention
 from store.agents import remove_leftovers
-from store.db import Database
-from store.errors import DatabaseTooNew
+from store.backend import open_database
+from store.errors import DatabaseUnusable
 
 log = logging.getLogger("coordinator")
-
-
-def _cap_size(conn: apsw.Connection, megabytes: float) -> None:
-    """DATABASE_MAX_MB: SQLite refuses to grow the file past `max_page_count` pages (SQLITE_FULL,
-    answered 507). The setting holds for the connection: the writer's, the only one that writes."""
-    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count={max(1, int(megabytes * 1024 * 1024) // page_size)}")
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -53,19 +47,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         cache_bytes = int(settings.read_cache_mb * 1024 * 1024)
-        db = await anyio.to_thread.run_sync(Database, settings.db_path, cache_bytes)
-        if settings.database_max_mb:
-            await db.write(_cap_size, settings.database_max_mb)
+        db = await anyio.to_thread.run_sync(open_database, settings, cache_bytes)
         await anyio.to_thread.run_sync(remove_leftovers, settings.agents_dir)
         broadcaster = Broadcaster(
             functools.partial(db.read, changes.page),
-            await db.read(changes.newest),
             loop=asyncio.get_running_loop(),
             queue_size=settings.broadcast_queue_size,
             buffer_bytes=settings.subscriber_buffer_bytes,
             max_subscribers=settings.max_subscribers,
         )
-        db.on_commit = broadcaster.committed
+        # Changes handed over before this assignment wait in the loop until the broadcaster runs.
+        broadcaster.cursor = await anyio.to_thread.run_sync(db.start_changes, broadcaster.committed)
         app.state.settings = settings
         app.state.db = db
         app.state.broadcaster = broadcaster
@@ -146,12 +138,38 @@ def _auth_middleware(settings: Settings) -> list[Middleware]:
     return [Middleware(BearerAuth, token=settings.api_token, verifier=verifier)]
 
 
-def _backup(source: Path, target: Path) -> None:
+def _backup(settings: Settings, target: Path) -> None:
+    if settings.database_url is not None:
+        sys.exit("agent-coordinator: backup copies the SQLite database; with COORDINATOR_DATABASE_URL"
+                 " set, back up with pg_dump (README, Backup and restore)")
+    source = settings.db_path
     try:
         pages = backup.backup(source, target)
     except (OSError, apsw.Error) as exc:
         sys.exit(f"agent-coordinator: backup failed: {exc} (copying {source} to {target})")
     print(f"backed up {source} to {target} ({pages} pages)")
+
+
+def _copy_db(settings: Settings, url: str) -> None:
+    try:
+        url = parse_database_url(url)
+    except ValueError as exc:
+        sys.exit(f"agent-coordinator: copy-db --to {redact_url(url)!r}: {exc}")
+    target = redact_url(url)
+    try:
+        from store import copy  # psycopg, an optional extra, only here
+    except ImportError as exc:
+        sys.exit(f"agent-coordinator: copy-db needs psycopg: pip install 'agent-coordinator[postgres]' ({exc})")
+    import psycopg
+
+    try:
+        copied = copy.copy_database(settings.db_path, url)
+    except copy.Refused as exc:
+        sys.exit(f"agent-coordinator: copy-db refused: {exc}")
+    except (OSError, apsw.Error, psycopg.Error, DatabaseUnusable) as exc:
+        sys.exit(f"agent-coordinator: copy-db failed, nothing was copied to {target}: {' '.join(str(exc).split())}")
+    counts = ", ".join(f"{rows} {table}" for table, rows in copied.items())
+    print(f"copied {settings.db_path} to {target}: {counts}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,21 +181,29 @@ def main(argv: list[str] | None = None) -> None:
         "backup", help="write a consistent copy of the database; safe while the server runs"
     )
     backup_command.add_argument("path", type=Path, help="file to write the copy to (replaced if it exists)")
+    copy_command = commands.add_parser(
+        "copy-db", help="copy the SQLite database into an empty PostgreSQL database (stop the server first)"
+    )
+    copy_command.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host:port/database")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
         sys.exit(f"agent-coordinator: invalid configuration: {exc}")
     if args.command == "backup":
-        _backup(settings.db_path, args.path)
+        _backup(settings, args.path)
+        return
+    if args.command == "copy-db":
+        _copy_db(settings, args.to)
         return
     logs.configure(settings.log_format == "json", settings.debug_logging)
-    # Opened (its directory made, its schema migrated) once before serving: a database that
-    # cannot be used stops the start with one line, where the lifespan would end in a traceback.
+    # Opened (its directory made or its server reached, its schema migrated) once before serving:
+    # a database that cannot be used stops the start with one line, where the lifespan would end
+    # in a traceback.
     try:
-        Database(settings.db_path, 0).close()
-    except (OSError, apsw.Error, DatabaseTooNew) as exc:
-        sys.exit(f"agent-coordinator: cannot use the database {settings.db_path}: {exc}")
+        open_database(settings).close()
+    except DatabaseUnusable as exc:
+        sys.exit(f"agent-coordinator: cannot use the database {settings.database_name}: {exc}")
     if settings.auth_enabled:
         log.info("accepting JWTs of %s for the audience %s", settings.jwt_issuer, settings.jwt_audience)
     elif settings.api_token is None:

@@ -27,7 +27,7 @@ from starlette.types import Receive
 
 from coordinator_core.settings import Settings
 from store import callbacks, runners, runs
-from store.db import Database
+from store.backend import Database
 from store.models import Run
 from store.stamps import now_ts
 

@@ -113,6 +113,39 @@ def _token_file(raw: str) -> str:
     return _token(text)
 
 
+def redact_url(url: str) -> str:
+    """A database URL as it may be shown: its password (in the user part or a `password`
+    parameter) replaced by `***`."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "(a URL that cannot be parsed)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{hostinfo}"
+    query = "&".join(
+        "password=***" if pair.split("=", 1)[0].lower() == "password" else pair for pair in parts.query.split("&")
+    )
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def parse_database_url(raw: str) -> str:
+    url = raw.strip()
+    if urllib.parse.urlsplit(url).scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a PostgreSQL URL: postgresql://user@host:port/database")
+    return url
+
+
+def _database_url_file(raw: str) -> str:
+    try:
+        text = Path(raw).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the URL: {exc}") from None
+    return parse_database_url(text)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, read once; see README for each variable."""
@@ -153,6 +186,7 @@ class Settings:
     keep_alive_timeout: float = 5.0
     max_connections: int = 2048
     api_token: str | None = None
+    database_url: str | None = None  # None: the SQLite file in the data dir
     database_max_mb: float = 0.0  # 0: no cap
     run_stop_timeout: float = 300.0
 
@@ -193,13 +227,26 @@ class Settings:
             try:
                 values[name] = parse(raw)
             except ValueError as exc:
-                raise SettingsError(f"{var}={raw!r}: {exc}") from None
-        if "COORDINATOR_API_TOKEN" in env and "COORDINATOR_API_TOKEN_FILE" in env:
-            raise SettingsError("COORDINATOR_API_TOKEN and COORDINATOR_API_TOKEN_FILE are both set: use one")
+                shown = redact_url(raw) if var == "COORDINATOR_DATABASE_URL" else raw
+                raise SettingsError(f"{var}={shown!r}: {exc}") from None
+        for one, other in (("COORDINATOR_API_TOKEN", "COORDINATOR_API_TOKEN_FILE"),
+                           ("COORDINATOR_DATABASE_URL", "COORDINATOR_DATABASE_URL_FILE")):
+            if one in env and other in env:
+                raise SettingsError(f"{one} and {other} are both set: use one")
         settings = cls(**values)
         if settings.auth_enabled:
             _check_jwt_settings(settings)
+        if settings.database_url is not None:
+            _check_postgres_settings(settings)
         return settings
+
+    @property
+    def database_name(self) -> str:
+        """The database as a message names it: the SQLite file, or the variable and the URL
+        without its password."""
+        if self.database_url is None:
+            return str(self.db_path)
+        return f"COORDINATOR_DATABASE_URL ({redact_url(self.database_url)})"
 
 
 def _check_jwt_settings(settings: Settings) -> None:
@@ -213,6 +260,18 @@ def _check_jwt_settings(settings: Settings) -> None:
         )
     if importlib.util.find_spec("jwt") is None or importlib.util.find_spec("cryptography") is None:
         raise SettingsError("AUTH_ENABLED=true needs PyJWT and cryptography: pip install 'agent-coordinator[oidc]'")
+
+
+def _check_postgres_settings(settings: Settings) -> None:
+    if settings.database_max_mb:
+        raise SettingsError(
+            "DATABASE_MAX_MB caps the SQLite file; with COORDINATOR_DATABASE_URL unset it"
+            " (PostgreSQL's own disk space limits apply)"
+        )
+    if importlib.util.find_spec("psycopg") is None or importlib.util.find_spec("psycopg_pool") is None:
+        raise SettingsError(
+            "COORDINATOR_DATABASE_URL needs psycopg and its pool: pip install 'agent-coordinator[postgres]'"
+        )
 
 
 _ENV: list[tuple[str, str, Callable[[str], object]]] = [
@@ -253,6 +312,8 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("MAX_CONNECTIONS", "max_connections", _positive_int),
     ("COORDINATOR_API_TOKEN", "api_token", _token),
     ("COORDINATOR_API_TOKEN_FILE", "api_token", _token_file),
+    ("COORDINATOR_DATABASE_URL", "database_url", parse_database_url),
+    ("COORDINATOR_DATABASE_URL_FILE", "database_url", _database_url_file),
     ("DATABASE_MAX_MB", "database_max_mb", _non_negative_float),
     ("RUN_STOP_TIMEOUT", "run_stop_timeout", _positive_float),
 ]

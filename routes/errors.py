@@ -77,7 +77,7 @@ async def _validation_failed(request: Request, exc: ValidationFailed) -> Respons
 
 # A storage fault is the server's, not the request's: 507 Insufficient Storage when the disk (or
 # DATABASE_MAX_MB) is full, 503 for other I/O errors. Both are answered like any error, so the
-# connection stays open, and were logged in one line where they happened (store.db).
+# connection stays open, and were logged in one line where they happened (store.sqlite, store.postgres).
 _STORE_STATUS = {NotFound: 404, Conflict: 409, Rejected: 400, Forbidden: 403, StorageFull: 507, StorageFailed: 503}
 
 

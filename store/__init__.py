@@ -1,5 +1,7 @@
-"""Persistence: SQLite (sessions, events, runs, runners) and the agents directory.
+"""Persistence: sessions, events, runs and runners in SQLite or PostgreSQL, and the agents
+directory.
 
-Store verbs are plain functions taking an APSW connection first; `store.db.Database` runs them
-on the right thread. Nothing here knows about HTTP.
+Store verbs are plain functions taking a connection first, written once for both databases;
+a `Database` (`store.backend`) runs them on the right connection and thread. Nothing here knows
+about HTTP.
 """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import apsw
 
-from store.db import BUSY_TIMEOUT_MS
+from store.sqlite import BUSY_TIMEOUT_MS
 
 PAGES_PER_STEP = 1024
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import apsw
 
+from store.backend import Connection
 from store.errors import NotFound, Rejected
 from store.models import Run, Session
 from store.runs import insert_run, new_run
@@ -49,9 +49,9 @@ def prompt(outcomes: list[Outcome]) -> str:
     )
 
 
-def _resume(conn: apsw.Connection, parent: Session, outcomes: list[Outcome]) -> Run:
+def _resume(conn: Connection, parent: Session, outcomes: list[Outcome]) -> Run:
     """Mark the parent in flight and queue its resume run (no demands, never announced)."""
-    conn.execute("INSERT OR IGNORE INTO callbacks_in_flight (session_id) VALUES (?)", (parent.session_id,))
+    conn.execute("INSERT INTO callbacks_in_flight (session_id) VALUES (?) ON CONFLICT DO NOTHING", (parent.session_id,))
     run = new_run(
         parent.session_id,
         "resume_session",
@@ -62,7 +62,7 @@ def _resume(conn: apsw.Connection, parent: Session, outcomes: list[Outcome]) -> 
     return insert_run(conn, run)
 
 
-def child_completed(conn: apsw.Connection, parent_id: str, outcome: Outcome) -> Run | None:
+def child_completed(conn: Connection, parent_id: str, outcome: Outcome) -> Run | None:
     """Deliver a child's outcome to its parent now, or queue it; returns a created run."""
     parent = get_session(conn, parent_id)
     if parent is None or parent_id == outcome.child_session_id:
@@ -72,12 +72,12 @@ def child_completed(conn: apsw.Connection, parent_id: str, outcome: Outcome) -> 
         return _resume(conn, parent, [outcome])
     conn.execute(
         "INSERT INTO callbacks (parent_session_id, child_session_id, failed, text) VALUES (?, ?, ?, ?)",
-        (parent_id, *outcome),
+        (parent_id, outcome.child_session_id, int(outcome.failed), outcome.text),
     )
     return None
 
 
-def on_session_stop(conn: apsw.Connection, session_id: str) -> list[Run]:
+def on_session_stop(conn: Connection, session_id: str) -> list[Run]:
     """After a `session_stop` of S: an `async_callback` child reports its result to its parent,
     then S's in-flight mark is cleared and whatever was queued for S goes out as one run."""
     session = get_session(conn, session_id)

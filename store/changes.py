@@ -2,10 +2,11 @@
 
 A write verb that makes a visible change calls `record` (or `record_event`) inside its
 transaction. The row gets the next id of one sequence shared with the events (an event's cursor
-is its event id), so cursors increase in commit order: the store has one writer, which commits
-its transactions one after another. The writer hands the rows of each committed transaction to
-the broadcaster in that order (`take` after COMMIT); a subscriber that is behind reads them back
-from the table (`page`), so a replay and the live stream are one sequence.
+is its event id). Each backend hands the committed rows to the broadcaster in cursor order, never
+a row before one with a smaller cursor that may still commit (SQLite: its one writer commits one
+transaction after another and hands over each commit's rows, collected here; PostgreSQL: a
+tail follows the table, see `store.postgres`); a subscriber that is behind reads them back from
+the table (`page`), so a replay and the live stream are one sequence.
 
 An event's row carries no payload: it is the event row of the same id. Deleting events (with
 their session, or by retention) deletes their change rows, and a trigger keeps the newest
@@ -17,9 +18,9 @@ from __future__ import annotations
 import threading
 from typing import Any, NamedTuple
 
-import apsw
 import msgspec
 
+from store.backend import Connection
 from store.models import Session, StoredEvent
 
 _encode = msgspec.json.encode
@@ -36,7 +37,7 @@ class Change(NamedTuple):
     payload: Any
 
 
-# The changes recorded by the open write transaction of this thread (the writer's), or None
+# The changes recorded by the open write transaction of this thread (a writer's), or None
 # where nobody collects them (a migration, a copy).
 _collected = threading.local()
 
@@ -66,33 +67,33 @@ def _keep(change: Change) -> None:
         rows.append(change)
 
 
-def record(conn: apsw.Connection, type_: str, session_id: str | None, payload: dict[str, Any]) -> int:
+def record(conn: Connection, type_: str, session_id: str | None, payload: dict[str, Any]) -> int:
     """Append a change to the log of the open transaction; returns its cursor."""
     data = _encode(payload)
-    conn.execute("INSERT INTO changes (type, session_id, payload) VALUES (?, ?, ?)", (type_, session_id, data.decode()))
-    cursor = conn.last_insert_rowid()
+    sql = "INSERT INTO changes (type, session_id, payload) VALUES (?, ?, ?) RETURNING id"
+    cursor = conn.execute(sql, (type_, session_id, data.decode())).fetchone()[0]
     _keep(Change(cursor, type_, session_id, data))
     return cursor
 
 
-def record_session(conn: apsw.Connection, type_: str, session: Session) -> Session:
+def record_session(conn: Connection, type_: str, session: Session) -> Session:
     record(conn, type_, session.session_id, {"session": session})
     return session
 
 
-def record_event(conn: apsw.Connection, session_id: str, message: Any) -> int:
+def record_event(conn: Connection, session_id: str, message: Any) -> int:
     """The cursor, and so the id, of an event about to be inserted; `message` is its live payload."""
-    conn.execute("INSERT INTO changes (type, session_id) VALUES ('event', ?)", (session_id,))
-    cursor = conn.last_insert_rowid()
+    sql = "INSERT INTO changes (type, session_id) VALUES ('event', ?) RETURNING id"
+    cursor = conn.execute(sql, (session_id,)).fetchone()[0]
     _keep(Change(cursor, "event", session_id, message))
     return cursor
 
 
-def newest(conn: apsw.Connection) -> int:
+def newest(conn: Connection) -> int:
     return conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0]
 
 
-def max_deleted(conn: apsw.Connection) -> int:
+def max_deleted(conn: Connection) -> int:
     """The newest cursor whose change was deleted (0: none)."""
     row = conn.execute("SELECT value FROM meta WHERE key = 'max_deleted_change'").fetchone()
     return row[0] if row else 0
@@ -127,7 +128,7 @@ class Page(NamedTuple):
     max_deleted: int  # `max_deleted` in the same snapshot
 
 
-def page(conn: apsw.Connection, after: int, upto: int, session_id: str | None, max_bytes: int) -> Page:
+def page(conn: Connection, after: int, upto: int, session_id: str | None, max_bytes: int) -> Page:
     """Changes with `after` < cursor <= `upto` (of one session if given), in cursor order, as many
     as fit in `max_bytes` (at least one)."""
     where = "c.id > ? AND c.id <= ?" if session_id is None else "c.session_id = ? AND c.id > ? AND c.id <= ?"

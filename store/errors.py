@@ -32,5 +32,9 @@ class StorageFailed(StoreError):
     """Any other I/O error of the database: the write was not stored."""
 
 
-class DatabaseTooNew(Exception):
+class DatabaseUnusable(Exception):
+    """The database cannot be opened or used (the message says why, in one line)."""
+
+
+class DatabaseTooNew(DatabaseUnusable):
     """The database was written by a newer release: refused before anything is written to it."""

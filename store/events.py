@@ -3,9 +3,9 @@ and spliced into answers as they are (msgspec.Raw), so reads never decode and re
 
 from __future__ import annotations
 
-import apsw
 import msgspec
 
+from store.backend import Connection
 from store.changes import raw_json_columns, record_event, record_session
 from store.errors import NotFound, Rejected
 from store.models import EVENT_COLUMNS, Event, EventRow, Session
@@ -22,7 +22,7 @@ def _json_or_null(value) -> str | None:
     return None if value is None else _encode(value).decode()
 
 
-def _insert(conn: apsw.Connection, event: Event) -> int:
+def _insert(conn: Connection, event: Event) -> int:
     """Store the event under its change-log cursor; the live message carries it as received."""
     event_id = record_event(conn, event.session_id, {"data": event})
     conn.execute(
@@ -45,7 +45,7 @@ def _insert(conn: apsw.Connection, event: Event) -> int:
     return event_id
 
 
-def append_event(conn: apsw.Connection, session_id: str, event: Event) -> tuple[int, Session | None]:
+def append_event(conn: Connection, session_id: str, event: Event) -> tuple[int, Session | None]:
     """Store an event of an existing session. A `session_stop` finishes the session (announced
     before the event): then the updated session is returned with the new event id (else None)."""
     if get_session(conn, session_id) is None:
@@ -58,7 +58,7 @@ def append_event(conn: apsw.Connection, session_id: str, event: Event) -> tuple[
     return _insert(conn, event), finished
 
 
-def append_legacy_event(conn: apsw.Connection, event: Event) -> int:
+def append_legacy_event(conn: Connection, event: Event) -> int:
     """The legacy route: `session_start` creates or revives the session as `running`,
     `session_stop` finishes it; any other event needs an existing session."""
     if event.event_type == "session_start":
@@ -79,7 +79,7 @@ def _events_document(rows) -> bytes:
     return _encode({"events": [EventRow(*raw_json_columns(row)) for row in rows]})
 
 
-def session_events_json(conn: apsw.Connection, session_id: str) -> bytes | None:
+def session_events_json(conn: Connection, session_id: str) -> bytes | None:
     """All of a session's events, by (timestamp, id), as `{"events": [...]}`; None for an
     unknown session."""
     if get_session(conn, session_id) is None:
@@ -89,11 +89,14 @@ def session_events_json(conn: apsw.Connection, session_id: str) -> bytes | None:
 
 
 def events_page_json(
-    conn: apsw.Connection, session_id: str, after: int | None, limit: int | None, require_session: bool
+    conn: Connection, session_id: str, after: int | None, limit: int | None, require_session: bool
 ) -> bytes:
     """A session's events with id > `after`, ascending by id, at most `limit`, as
     `{"events": [...]}`. NotFound for an unknown session if `require_session`."""
     if require_session and get_session(conn, session_id) is None:
         raise NotFound(SESSION_NOT_FOUND)
-    sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? AND id > ? ORDER BY id LIMIT ?"
-    return _events_document(conn.execute(sql, (session_id, after or 0, -1 if limit is None else limit)))
+    sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? AND id > ? ORDER BY id"
+    params: tuple = (session_id, after or 0)
+    if limit is not None:
+        sql, params = sql + " LIMIT ?", (*params, limit)
+    return _events_document(conn.execute(sql, params))

@@ -2,9 +2,10 @@
 are deleted with their events and runs (the foreign keys cascade), a small batch per write so
 that other writers never wait long behind a purge.
 
-The freed pages stay in the database file and SQLite reuses them for new rows: the file stops
+On SQLite the freed pages stay in the database file and are reused for new rows: the file stops
 growing rather than shrinking. (Incremental auto-vacuum cannot be turned on for an existing
-database without a full VACUUM, which would block every writer while it rewrites the file.)
+database without a full VACUUM, which would block every writer while it rewrites the file.) On
+PostgreSQL, autovacuum makes the space reusable in the same way.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from __future__ import annotations
 import logging
 
 import anyio
-import apsw
 
-from store.db import Database
+from store.backend import Connection, Database
 from store.sessions import remove_session
 from store.stamps import now_ts
 
@@ -37,7 +37,7 @@ LIMIT ?
 
 
 def delete_expired_sessions(
-    conn: apsw.Connection, cutoff: str, max_sessions: int = BATCH_SESSIONS, max_events: int = BATCH_EVENTS
+    conn: Connection, cutoff: str, max_sessions: int = BATCH_SESSIONS, max_events: int = BATCH_EVENTS
 ) -> list[str]:
     """Delete one batch of finished or stopped sessions created before `cutoff` (a server
     timestamp): at most `max_sessions`, and no more than `max_events` events unless a single

@@ -8,10 +8,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, Sequence
 
-import apsw
 import msgspec
 
 from store import callbacks, runs
+from store.backend import Connection
 from store.errors import NotFound
 from store.models import Run, Runner, Session
 from store.sessions import get_session, update_session
@@ -49,25 +49,26 @@ def _runner(row: tuple) -> Runner:
     return Runner(*fields, msgspec.json.decode(tags), status, age.total_seconds())
 
 
-def get_runner(conn: apsw.Connection, runner_id: str) -> Runner | None:
+def get_runner(conn: Connection, runner_id: str) -> Runner | None:
     row = conn.execute(f"SELECT {_COLUMNS} FROM runners WHERE runner_id = ?", (runner_id,)).fetchone()
     return _runner(row) if row else None
 
 
-def require_runner(conn: apsw.Connection, runner_id: str) -> Runner:
+def require_runner(conn: Connection, runner_id: str) -> Runner:
     runner = get_runner(conn, runner_id)
     if runner is None:
         raise UnknownRunner(runner_id)
     return runner
 
 
-def list_runners(conn: apsw.Connection) -> list[Runner]:
-    """In registration order (a reconnection keeps its place)."""
+def list_runners(conn: Connection) -> list[Runner]:
+    """In registration order (a reconnection keeps its place): `rowid` is SQLite's own, a
+    column on PostgreSQL."""
     return [_runner(row) for row in conn.execute(f"SELECT {_COLUMNS} FROM runners ORDER BY rowid")]
 
 
 def register_runner(
-    conn: apsw.Connection, hostname: str, project_dir: str, executor_type: str, tags: list[str] | None, since: str
+    conn: Connection, hostname: str, project_dir: str, executor_type: str, tags: list[str] | None, since: str
 ) -> Runner:
     """A new identity registers `online`. A known one reconnects (keeping `registered_at`, its
     tags unless new ones are sent, and its queued stop commands) if it is `stale`, or if it has
@@ -93,14 +94,14 @@ def register_runner(
     return require_runner(conn, runner_id)
 
 
-def heartbeat(conn: apsw.Connection, runner_id: str) -> None:
+def heartbeat(conn: Connection, runner_id: str) -> None:
     """Record a sign of life; a `stale` runner is `online` again."""
     conn.execute("UPDATE runners SET last_heartbeat = ?, status = 'online' WHERE runner_id = ?", (now_ts(), runner_id))
     if conn.changes() == 0:
         raise UnknownRunner(runner_id)
 
 
-def deregister_runner(conn: apsw.Connection, runner_id: str, self_initiated: bool) -> None:
+def deregister_runner(conn: Connection, runner_id: str, self_initiated: bool) -> None:
     """A runner shutting down is removed at once (with its stop commands); anyone else only
     flags it, and its next poll tells it to go."""
     if self_initiated:
@@ -112,22 +113,23 @@ def deregister_runner(conn: apsw.Connection, runner_id: str, self_initiated: boo
 
 
 def update_lifecycle(
-    conn: apsw.Connection, stale_after: float, remove_after: float, since: str
+    conn: Connection, stale_after: float, remove_after: float, since: str
 ) -> list[str]:
     """Remove runners silent for `remove_after` seconds and mark those silent for `stale_after`
     `stale`; returns the removed ids. Silence is counted from `since` at the earliest (the
     coordinator's start), so time the coordinator was down is not held against a runner."""
-    removed = conn.execute(
-        "DELETE FROM runners WHERE max(last_heartbeat, ?) <= ? RETURNING runner_id", (since, now_ts(-remove_after))
-    ).fetchall()
-    conn.execute(
-        "UPDATE runners SET status = 'stale' WHERE status = 'online' AND max(last_heartbeat, ?) <= ?",
-        (since, now_ts(-stale_after)),
-    )
-    return [runner_id for (runner_id,) in removed]
+    remove_before, stale_before = now_ts(-remove_after), now_ts(-stale_after)
+    removed = []
+    if since <= remove_before:
+        sql = "DELETE FROM runners WHERE last_heartbeat <= ? RETURNING runner_id"
+        removed = [runner_id for (runner_id,) in conn.execute(sql, (remove_before,))]
+    if since <= stale_before:
+        sql = "UPDATE runners SET status = 'stale' WHERE status = 'online' AND last_heartbeat <= ?"
+        conn.execute(sql, (stale_before,))
+    return removed
 
 
-def next_for_runner(conn: apsw.Connection, runner_id: str, since: str) -> dict[str, Any] | None:
+def next_for_runner(conn: Connection, runner_id: str, since: str) -> dict[str, Any] | None:
     """One round of a long-poll, in priority order: queued stop commands, then a pending
     deregistration (the runner is removed), then a claim. None when there is nothing.
 
@@ -138,7 +140,7 @@ def next_for_runner(conn: apsw.Connection, runner_id: str, since: str) -> dict[s
         heartbeat(conn, runner_id)
     if stops := runs.take_stops(conn, runner_id):
         return {"stop_runs": stops}
-    conn.execute("DELETE FROM runners WHERE runner_id = ? AND deregistering", (runner_id,))
+    conn.execute("DELETE FROM runners WHERE runner_id = ? AND deregistering <> 0", (runner_id,))
     if conn.changes():
         return {"deregistered": True}
     run = runs.claim_run(conn, runner)
@@ -146,7 +148,7 @@ def next_for_runner(conn: apsw.Connection, runner_id: str, since: str) -> dict[s
 
 
 def create_run_for_waiting(
-    conn: apsw.Connection, run: Run, *, no_match_timeout: float, waiting: Sequence[str]
+    conn: Connection, run: Run, *, no_match_timeout: float, waiting: Sequence[str]
 ) -> tuple[Run, Session | None, tuple[str, Run] | None]:
     """`runs.create_run`, then, in the same transaction, a claim by the first of the `waiting`
     runners (parked on a poll) that can take a pending run: (runner id, claimed run) comes back
@@ -160,7 +162,7 @@ def create_run_for_waiting(
 
 
 def report(
-    conn: apsw.Connection, runner_id: str, run_id: str, status: str, error: str | None = None
+    conn: Connection, runner_id: str, run_id: str, status: str, error: str | None = None
 ) -> tuple[Session | None, Run | None]:
     """Apply a runner's report (`running`, `completed`, `failed` or `stopped`) whatever the
     run's status. Returns the session to announce (a stop ends it) and a callback run if the
@@ -181,7 +183,7 @@ def report(
     return session, None if status == "completed" else _tell_parent(conn, run, error)
 
 
-def _tell_parent(conn: apsw.Connection, run: Run, error: str | None) -> Run | None:
+def _tell_parent(conn: Connection, run: Run, error: str | None) -> Run | None:
     """A failed or stopped `async_callback` child reports to its parent; returns the parent's
     resume run if one is queued now."""
     if run.parent_session_id and run.execution_mode == "async_callback":
@@ -197,7 +199,7 @@ class Settled(NamedTuple):
     resumed: list[Run]
 
 
-def settle_lost_runs(conn: apsw.Connection, overdue_sessions: list[str]) -> Settled:
+def settle_lost_runs(conn: Connection, overdue_sessions: list[str]) -> Settled:
     """End the runs no runner will report on (`runs.end_lost_runs`: their runner is gone, or
     their session has been stopping too long) as the missing report would have, parents
     told; then each of their sessions, and each overdue one, that has nothing left in flight

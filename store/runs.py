@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import apsw
 import msgspec
 
+from store.backend import Connection
 from store.changes import record, record_session
 from store.errors import NotFound, Rejected
 from store.models import RUN_COLUMNS, Run, Runner, Session
@@ -61,7 +61,7 @@ def _run(row: tuple) -> Run:
     return run
 
 
-def insert_run(conn: apsw.Connection, run: Run) -> Run:
+def insert_run(conn: Connection, run: Run) -> Run:
     values = [getattr(run, field) for field in Run.__struct_fields__]
     values[Run.__struct_fields__.index("demands")] = None if run.demands is None else _encode(run.demands).decode()
     conn.execute(f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * len(values))})", values)
@@ -81,19 +81,19 @@ def new_run(session_id: str, type_: str, prompt: str, **fields: Any) -> Run:
     })
 
 
-def get_run(conn: apsw.Connection, run_id: str) -> Run | None:
+def get_run(conn: Connection, run_id: str) -> Run | None:
     row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
     return _run(row) if row else None
 
 
-def require_run(conn: apsw.Connection, run_id: str) -> Run:
+def require_run(conn: Connection, run_id: str) -> Run:
     run = get_run(conn, run_id)
     if run is None:
         raise NotFound(RUN_NOT_FOUND)
     return run
 
 
-def list_runs(conn: apsw.Connection, status: str | None = None) -> list[Run]:
+def list_runs(conn: Connection, status: str | None = None) -> list[Run]:
     """Every run (terminal ones too), oldest first; optionally only one status."""
     where = "WHERE status = ?" if status is not None else ""
     sql = f"SELECT {RUN_COLUMNS} FROM runs {where} ORDER BY created_at, run_id"
@@ -101,7 +101,7 @@ def list_runs(conn: apsw.Connection, status: str | None = None) -> list[Run]:
 
 
 def create_run(
-    conn: apsw.Connection,
+    conn: Connection,
     run: Run,
     *,
     no_match_timeout: float,
@@ -134,24 +134,20 @@ def create_run(
 # -- claiming -----------------------------------------------------------------------------
 
 
-def claim_run(conn: apsw.Connection, runner: Runner) -> Run | None:
+def claim_run(conn: Connection, runner: Runner) -> Run | None:
     """Claim the oldest pending run whose demands the runner meets (others are skipped, so
-    an unmatched run never blocks the queue). The UPDATE is conditional on `pending`."""
+    an unmatched run never blocks the queue). The claim is conditional on `pending` and made by
+    the backend (`Connection.claim`), so a run is claimed once however many runners try."""
     pending = conn.execute("SELECT run_id, demands FROM runs WHERE status = 'pending' ORDER BY created_at, run_id")
     for run_id, demands in list(pending):
         if not demands_met(None if demands is None else _decode(demands), runner):
             continue
-        row = conn.execute(
-            f"UPDATE runs SET status = 'claimed', runner_id = ?, claimed_at = ?"
-            f" WHERE run_id = ? AND status = 'pending' RETURNING {RUN_COLUMNS}",
-            (runner.runner_id, now_ts(), run_id),
-        ).fetchone()
-        if row:
+        if row := conn.claim(run_id, runner.runner_id, now_ts(), RUN_COLUMNS):
             return _run(row)
     return None
 
 
-def unclaim_run(conn: apsw.Connection, run_id: str, runner_id: str) -> bool:
+def unclaim_run(conn: Connection, run_id: str, runner_id: str) -> bool:
     """Give back a claim whose runner never got the answer; True if the run is pending again."""
     conn.execute(
         "UPDATE runs SET status = 'pending', runner_id = NULL, claimed_at = NULL"
@@ -164,19 +160,20 @@ def unclaim_run(conn: apsw.Connection, run_id: str, runner_id: str) -> bool:
 # -- stop commands ------------------------------------------------------------------------
 
 
-def queue_stops(conn: apsw.Connection, runner_id: str, run_ids: list[str]) -> bool:
+def queue_stops(conn: Connection, runner_id: str, run_ids: list[str]) -> bool:
     """Queue stop commands for a runner (duplicates collapse); False if it is not registered."""
     if conn.execute("SELECT 1 FROM runners WHERE runner_id = ?", (runner_id,)).fetchone() is None:
         return False
     conn.executemany(
-        "INSERT OR IGNORE INTO runner_stops (runner_id, run_id) VALUES (?, ?)",
+        "INSERT INTO runner_stops (runner_id, run_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
         [(runner_id, run_id) for run_id in run_ids],
     )
     return True
 
 
-def take_stops(conn: apsw.Connection, runner_id: str) -> list[str]:
-    """The runner's queued stop commands, oldest first; the queue is emptied."""
+def take_stops(conn: Connection, runner_id: str) -> list[str]:
+    """The runner's queued stop commands, oldest first (`rowid`: SQLite's own, a column on
+    PostgreSQL); the queue is emptied."""
     rows = conn.execute(
         "DELETE FROM runner_stops WHERE runner_id = ? RETURNING run_id, rowid", (runner_id,)
     ).fetchall()
@@ -194,19 +191,19 @@ class Stopped(NamedTuple):
     runner_id: str | None = None
 
 
-def set_session_status(conn: apsw.Connection, session_id: str, status: str) -> Session | None:
+def set_session_status(conn: Connection, session_id: str, status: str) -> Session | None:
     """Set an existing session's status, announced."""
     return update_metadata(conn, session_id, status=status) if get_session(conn, session_id) else None
 
 
-def finish_run(conn: apsw.Connection, run_id: str, status: str, error: str | None = None) -> None:
+def finish_run(conn: Connection, run_id: str, status: str, error: str | None = None) -> None:
     conn.execute(
         "UPDATE runs SET status = ?, error = coalesce(?, error), completed_at = ? WHERE run_id = ?",
         (status, error, now_ts(), run_id),
     )
 
 
-def _stop(conn: apsw.Connection, run: Run) -> Stopped:
+def _stop(conn: Connection, run: Run) -> Stopped:
     reply = {"ok": True, "run_id": run.run_id, "session_id": run.session_id}
     if run.status == "pending":
         finish_run(conn, run.run_id, "stopped")
@@ -226,13 +223,13 @@ def _stop(conn: apsw.Connection, run: Run) -> Stopped:
     return Stopped(reply, set_session_status(conn, run.session_id, "stopping"), run.runner_id)
 
 
-def stop_run(conn: apsw.Connection, run_id: str) -> Stopped:
+def stop_run(conn: Connection, run_id: str) -> Stopped:
     """POST /runs/{id}/stop: cancel a pending run, or ask its runner to stop a claimed or
     running one (the run and session become `stopping`)."""
     return _stop(conn, require_run(conn, run_id))
 
 
-def stop_session(conn: apsw.Connection, session_id: str) -> Stopped:
+def stop_session(conn: Connection, session_id: str) -> Stopped:
     """POST /sessions/{id}/stop: stop the session's newest active run, or settle the session."""
     session = require_session(conn, session_id)
     reply: dict[str, Any] = {"ok": True, "session_id": session_id}
@@ -260,12 +257,12 @@ def stop_session(conn: apsw.Connection, session_id: str) -> Stopped:
 # -- background checks and recovery -------------------------------------------------------
 
 
-def fail_timed_out_runs(conn: apsw.Connection) -> list[Run]:
+def fail_timed_out_runs(conn: Connection) -> list[Run]:
     """Pending runs whose demands no runner met before `timeout_at` fail."""
     rows = conn.execute(
         f"UPDATE runs SET status = 'failed', error = 'No matching runner available within timeout',"
-        f" completed_at = ?1 WHERE status = 'pending' AND timeout_at < ?1 RETURNING {RUN_COLUMNS}",
-        (now_ts(),),
+        f" completed_at = :now WHERE status = 'pending' AND timeout_at < :now RETURNING {RUN_COLUMNS}",
+        {"now": now_ts()},
     ).fetchall()
     failed = [_run(row) for row in rows]
     for run in failed:
@@ -273,12 +270,12 @@ def fail_timed_out_runs(conn: apsw.Connection) -> list[Run]:
     return failed
 
 
-def announce_failed(conn: apsw.Connection, run: Run) -> None:
+def announce_failed(conn: Connection, run: Run) -> None:
     """`run_failed`, for a run that failed without its runner saying so."""
     record(conn, "run_failed", run.session_id, {"run_id": run.run_id, "error": run.error, "session_id": run.session_id})
 
 
-def stopping_sessions(conn: apsw.Connection) -> list[str]:
+def stopping_sessions(conn: Connection) -> list[str]:
     """Sessions being stopped: `stopping` themselves, or with a `stopping` run."""
     rows = conn.execute(
         "SELECT session_id FROM sessions WHERE status = 'stopping'"
@@ -287,43 +284,44 @@ def stopping_sessions(conn: apsw.Connection) -> list[str]:
     return [session_id for (session_id,) in rows]
 
 
-def end_lost_runs(conn: apsw.Connection, overdue_sessions: list[str]) -> list[Run]:
+def end_lost_runs(conn: Connection, overdue_sessions: list[str]) -> list[Run]:
     """Runs no report will end: those in flight whose runner is no longer registered become
     `failed` (`stopped` if they were `stopping`), and the `stopping` runs of the
     `overdue_sessions` `stopped`."""
+    overdue = f"session_id IN ({', '.join('?' * len(overdue_sessions))})" if overdue_sessions else "FALSE"
+    stopping = "status = 'stopping'"
     rows = conn.execute(
-        f"UPDATE runs SET status = iif(status = 'stopping', 'stopped', 'failed'),"
-        f" error = iif(status = 'stopping', error, ?1), completed_at = ?2"
+        f"UPDATE runs SET status = CASE WHEN {stopping} THEN 'stopped' ELSE 'failed' END,"
+        f" error = CASE WHEN {stopping} THEN error ELSE ? END, completed_at = ?"
         f" WHERE status IN ('claimed', 'running', 'stopping')"
-        f" AND (runner_id NOT IN (SELECT runner_id FROM runners)"
-        f" OR status = 'stopping' AND session_id IN (SELECT value FROM json_each(?3)))"
+        f" AND (runner_id NOT IN (SELECT runner_id FROM runners) OR {stopping} AND {overdue})"
         f" RETURNING {RUN_COLUMNS}",
-        (RUNNER_GONE, now_ts(), _encode(overdue_sessions).decode()),
+        (RUNNER_GONE, now_ts(), *overdue_sessions),
     ).fetchall()
     return [_run(row) for row in rows]
 
 
-def settle_session(conn: apsw.Connection, session_id: str) -> Session | None:
+def settle_session(conn: Connection, session_id: str) -> Session | None:
     """A session still `pending`, `running` or `stopping` with no run left in flight is
     `stopped`; returns it then."""
     conn.execute(
-        "UPDATE sessions SET status = 'stopped' WHERE session_id = ?1"
+        "UPDATE sessions SET status = 'stopped' WHERE session_id = :id"
         " AND status IN ('pending', 'running', 'stopping') AND NOT EXISTS (SELECT 1 FROM runs"
-        " WHERE session_id = ?1 AND status IN ('pending', 'claimed', 'running', 'stopping'))",
-        (session_id,),
+        " WHERE session_id = :id AND status IN ('pending', 'claimed', 'running', 'stopping'))",
+        {"id": session_id},
     )
     return record_session(conn, "session_updated", require_session(conn, session_id)) if conn.changes() else None
 
 
-def recover_runs(conn: apsw.Connection, mode: str) -> dict[str, int]:
+def recover_runs(conn: Connection, mode: str) -> dict[str, int]:
     """Settle the runs a previous process left in flight, per RUN_RECOVERY_MODE (README, "Restarts").
 
     `stopping` runs get their stop command queued again in every mode, for runners that are
     still registered: the user asked for the stop, and the runner may never have received it.
     """
     conn.execute(
-        "INSERT OR IGNORE INTO runner_stops (runner_id, run_id) SELECT runner_id, run_id FROM runs"
-        " WHERE status = 'stopping' AND runner_id IN (SELECT runner_id FROM runners)"
+        "INSERT INTO runner_stops (runner_id, run_id) SELECT runner_id, run_id FROM runs"
+        " WHERE status = 'stopping' AND runner_id IN (SELECT runner_id FROM runners) ON CONFLICT DO NOTHING"
     )
     counts = {"stops_requeued": conn.changes(), "requeued": 0, "failed": 0, "stopped": 0}
     if mode == "none":

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import apsw
+from store.backend import Connection
 
 
-def status_counts(conn: apsw.Connection) -> dict[str, dict[str, int]]:
+def status_counts(conn: Connection) -> dict[str, dict[str, int]]:
     """How many runs and runners there are in each status."""
     return {
         table: dict(conn.execute(f"SELECT status, count(*) FROM {table} GROUP BY status").fetchall())

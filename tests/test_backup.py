@@ -1,5 +1,6 @@
 """`python -m coordinator backup PATH` against a running server that keeps writing, and a
-restore from the copy."""
+restore from the copy. The command copies the SQLite file: with PostgreSQL it says to use
+pg_dump."""
 
 import os
 import shutil
@@ -9,6 +10,7 @@ import threading
 from pathlib import Path
 
 import apsw
+import pytest
 
 from conftest import RunningServer
 from coordinator_core.settings import Settings
@@ -25,6 +27,7 @@ def run_backup(project_dir: Path, target: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.sqlite_only
 def test_backup_while_writing_is_consistent_and_restores(server, project_dir, tmp_path):
     for s in range(20):
         create(server, f"s{s}")
@@ -86,3 +89,16 @@ def test_backup_without_a_database_fails_cleanly(tmp_path):
     assert done.stderr.startswith("agent-coordinator: backup failed: no database at ")
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "empty").exists() and not (tmp_path / "copy.db").exists()
+
+
+def test_backup_with_postgresql_says_to_use_pg_dump(tmp_path):
+    env = {**os.environ, "AGENT_ORCHESTRATOR_PROJECT_DIR": str(tmp_path),
+           "COORDINATOR_DATABASE_URL": "postgresql://coordinator:secret@db.invalid/coordinator"}
+    done = subprocess.run([sys.executable, "-m", "coordinator", "backup", str(tmp_path / "copy.db")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "agent-coordinator: backup copies the SQLite database; with COORDINATOR_DATABASE_URL set, back up"
+        " with pg_dump (README, Backup and restore)"
+    ]
+    assert not (tmp_path / "copy.db").exists()

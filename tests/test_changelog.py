@@ -7,7 +7,6 @@ import random
 import threading
 import time
 
-import apsw
 import pytest
 import requests
 from websockets.sync.client import connect
@@ -17,12 +16,9 @@ from test_sessions import create, event
 
 
 def stored_log(server) -> list[tuple[int, str, str]]:
-    """(cursor, type, session_id) of every change in the database file, in cursor order."""
-    conn = apsw.Connection(str(server.settings.db_path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return conn.execute("SELECT id, type, session_id FROM changes ORDER BY id").fetchall()
-    finally:
-        conn.close()
+    """(cursor, type, session_id) of every change in the database, in cursor order."""
+    sql = "SELECT id, type, session_id FROM changes ORDER BY id"
+    return server.state.db.read_sync(lambda conn: [tuple(row) for row in conn.execute(sql)])
 
 
 def writer(server, name: str, count: int, seed: int, acknowledged: list) -> None:

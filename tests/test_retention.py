@@ -8,7 +8,7 @@ import anyio
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from store.db import Database, connect, migrate
+from store.sqlite import SqliteDatabase as Database, connect, migrate
 from store.changes import max_deleted
 from store.retention import delete_expired_sessions, purge
 from test_sessions import create, event

@@ -11,6 +11,7 @@ import pytest
 import requests
 from websockets.sync.client import connect
 
+from conftest import HeldRunWrites
 from runner_client import RUN_KEYS, ScriptedRunner, registered, start_run, wait_for
 
 RUNNER_KEYS = ["runner_id", "registered_at", "last_heartbeat", "hostname", "project_dir", "executor_type",
@@ -283,14 +284,13 @@ def test_poll_of_a_departed_client_takes_nothing(server):
 def test_run_claimed_for_a_client_that_just_left_is_put_back(server):
     runner = registered(server)
     created = start_run(server)
-    # Hold the writer so that the poll's claim commits only after the client has hung up.
-    gate = threading.Event()
-    server.state.db.submit(lambda conn: gate.wait(10))
+    # Hold the writes so that the poll's claim commits only after the client has hung up.
+    held = HeldRunWrites(server)
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(f"GET /runner/runs?runner_id={runner.runner_id} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
     waiters = server.state.dispatcher._waiters
     wait_for(lambda: any(w.gone for w in waiters.get(runner.runner_id, ())), what="the hang-up to be noticed")
-    gate.set()
+    held.release()
     wait_for(lambda: runner.runner_id not in waiters, what="the poll to end")
     run = server.get(f"/runs/{created['run_id']}").json()
     assert (run["status"], run["runner_id"], run["claimed_at"]) == ("pending", None, None)
@@ -363,15 +363,14 @@ def test_a_run_claimed_for_a_poll_that_left_meanwhile_goes_back(server):
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(f"GET /runner/runs?runner_id={runner.runner_id} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
         wait_for(lambda: server.state.dispatcher.idle_runners() == [runner.runner_id], what="a parked poll")
-        # Hold the writer: the run is offered to the parked poll, but commits only after it left.
-        gate = threading.Event()
-        server.state.db.submit(lambda conn: gate.wait(10))
+        # Hold the writes: the run is offered to the parked poll, but commits only after it left.
+        held = HeldRunWrites(server)
         creating = threading.Thread(target=lambda: created.append(start_run(server)))
         created = []
         creating.start()
-        wait_for(lambda: server.state.db._writes.qsize() == 1, what="the run's write to be queued")
+        wait_for(held.waiting, what="the run's write to be held")
     wait_for(lambda: runner.runner_id not in server.state.dispatcher._waiters, what="the poll to end")
-    gate.set()
+    held.release()
     creating.join(timeout=10)
     run = server.get(f"/runs/{created[0]['run_id']}").json()
     assert (run["status"], run["runner_id"], run["claimed_at"]) == ("pending", None, None)

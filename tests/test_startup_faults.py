@@ -8,7 +8,7 @@ from pathlib import Path
 
 import apsw
 
-from store.db import MIGRATIONS, Database
+from store.sqlite import MIGRATIONS, SqliteDatabase as Database
 
 ROOT = Path(__file__).resolve().parent.parent
 

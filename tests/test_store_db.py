@@ -5,7 +5,7 @@ import concurrent.futures
 import apsw
 import pytest
 
-from store.db import MIGRATIONS, Database, connect
+from store.sqlite import MIGRATIONS, SqliteDatabase as Database, connect
 
 REFERENCE_DDL = """
 CREATE TABLE sessions (session_id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at TEXT NOT NULL,

@@ -1,9 +1,8 @@
-"""Run, runner and callback verbs on a real APSW file, through the store's writer."""
+"""Run, runner and callback verbs on each backend's real database, through its `Database`."""
 
 import pytest
 
 from store import callbacks, runners, runs
-from store.db import Database
 from store.errors import Conflict, NotFound, Rejected
 from store.models import Runner
 from store.sessions import create_session, get_session, update_session
@@ -13,10 +12,8 @@ STARTED = now_ts()  # the coordinator's start, for the verbs that count from it
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = Database(tmp_path / "observability.db")
-    yield database
-    database.close()
+def db(store_db):
+    return store_db
 
 
 def runner(hostname="h", project_dir="/p", executor_type="x", tags=()) -> Runner:

@@ -1,4 +1,5 @@
-"""SQLite through APSW: connection policy, schema migrations, one writer thread, pooled readers.
+"""The SQLite backend, through APSW: connection policy, schema migrations, one writer thread,
+pooled readers, and the read cache.
 
 Every write goes through the single writer thread. It drains whatever writes are queued into one
 `BEGIN IMMEDIATE` transaction (each write in its own savepoint, so one failure rolls back only
@@ -6,7 +7,9 @@ that write), commits, and only then resolves the callers: a caller that got an a
 data is committed (group commit: many writes share one fsync). Reads run on per-thread
 connections in anyio's worker threads, each inside its own read transaction (a consistent
 snapshot in WAL mode). Answers that are read often and change rarely are kept in a `ReadCache`
-that the writer clears as it commits changes to their rows (see `store.cache`).
+that the writer clears as it commits changes to their rows (see `store.cache`). The writer hands
+the changes of each commit, in commit order, to the `start_changes` handler: one writer commits
+one transaction after another, so cursor order is commit order.
 """
 
 from __future__ import annotations
@@ -196,10 +199,23 @@ MIGRATIONS: list[str] = [
 ]
 
 
-def connect(path: Path | str) -> apsw.Connection:
+class Connection(apsw.Connection):
+    """APSW's connection runs the verbs' SQL as it is (see `store.backend.Connection`); here
+    are the statements that differ on PostgreSQL."""
+
+    def claim(self, run_id: str, runner_id: str, claimed_at: str, columns: str) -> tuple | None:
+        # One writer: nobody else can claim between this read of `pending` and the update.
+        return self.execute(
+            f"UPDATE runs SET status = 'claimed', runner_id = ?, claimed_at = ?"
+            f" WHERE run_id = ? AND status = 'pending' RETURNING {columns}",
+            (runner_id, claimed_at, run_id),
+        ).fetchone()
+
+
+def connect(path: Path | str) -> Connection:
     """Open a connection with the project's policy: WAL, FKs on, a real busy timeout, and
     synchronous=FULL so that a commit survives a power loss as well as a process crash."""
-    conn = apsw.Connection(str(path))
+    conn = Connection(str(path))
     conn.set_busy_timeout(BUSY_TIMEOUT_MS)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -207,7 +223,7 @@ def connect(path: Path | str) -> apsw.Connection:
     return conn
 
 
-def migrate(conn: apsw.Connection) -> int:
+def migrate(conn: Connection) -> int:
     """Bring the schema to the newest version; returns the version reached. A database of a
     newer release is refused (DatabaseTooNew) before anything is written to it."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -265,20 +281,29 @@ def _storage_error(exc: Exception) -> Exception:
     return exc
 
 
-class Database:
-    """The store's entry point: `await db.write(verb, ...)` and `await db.read(verb, ...)` run a
-    verb (a function taking the connection first) on the right connection and thread."""
+def _cap_size(conn: Connection, megabytes: float) -> None:
+    """DATABASE_MAX_MB: SQLite refuses to grow the file past `max_page_count` pages (SQLITE_FULL,
+    answered 507). The setting holds for the connection: the writer's, the only one that writes."""
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count={max(1, int(megabytes * 1024 * 1024) // page_size)}")
 
-    def __init__(self, path: Path | str, cache_bytes: int = 32 * 1024 * 1024):
+
+class SqliteDatabase:
+    """`store.backend.Database` on one SQLite file: `await db.write(verb, ...)` and
+    `await db.read(verb, ...)` run a verb on the right connection and thread."""
+
+    def __init__(self, path: Path | str, cache_bytes: int = 32 * 1024 * 1024, max_mb: float = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer_conn = connect(self.path)
         migrate(self._writer_conn)
         install_triggers(self._writer_conn)
+        if max_mb:
+            _cap_size(self._writer_conn, max_mb)
         self.cache = ReadCache(cache_bytes)
         self._writes: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._local = threading.local()
-        self._readers: list[apsw.Connection] = []
+        self._readers: list[Connection] = []
         self._readers_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._writer.start()
@@ -387,7 +412,7 @@ class Database:
 
     # -- reads --------------------------------------------------------------------------
 
-    def _reader(self) -> apsw.Connection:
+    def _reader(self) -> Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = connect(self.path)
@@ -419,6 +444,18 @@ class Database:
         finally:
             self.cache.fill(key, token, value)  # still None if the read failed
         return value
+
+    # -- the change log -----------------------------------------------------------------
+
+    def start_changes(self, handler: Callable[[list[changes.Change]], None]) -> int:
+        """From the next commit on, the writer hands each commit's changes to `handler`. Set in
+        the writer thread, so no commit falls between the cursor returned and the handler."""
+
+        def follow(conn: Connection) -> int:
+            self.on_commit = handler
+            return changes.newest(conn)
+
+        return self.write_sync(follow)
 
     # -- lifecycle ----------------------------------------------------------------------
 
