@@ -219,7 +219,8 @@ class Broadcaster:
         limit is reached."""
         if self.full:
             raise TooManySubscribers
-        cursor = self.cursor if since is None else since
+        # A cursor beyond the newest (from another database, say) resumes from the newest.
+        cursor = self.cursor if since is None else min(since, self.cursor)
         subscriber = Subscriber(session_id, cursor, self.queue_size, self.buffer_bytes)
         self._subscribers.add(subscriber)
         self._go_live_if_current(subscriber)

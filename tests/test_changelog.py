@@ -4,14 +4,17 @@ however often it drops and resumes; memory per subscriber is bounded in bytes.""
 
 import json
 import random
+import signal
 import threading
 import time
 
 import apsw
 import pytest
 import requests
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from server_process import ServerProcess
 from test_live import StalledClient, recv, sse_frames, wait_until
 from test_sessions import create, event
 
@@ -293,3 +296,22 @@ def test_changes_before_a_restart_replay_after_it(make_server, kind):
             frames = sse_frames(r)
             got = [next(frames) for _ in range(3)]
         assert [(int(f["id"]), f["event"]) for f in got] == expected
+
+
+def test_sigterm_ends_every_live_stream_at_once(tmp_path):
+    with ServerProcess(tmp_path / "project") as server:
+        assert server.post("/sessions", json={"session_id": "s"}).status_code == 200
+        with connect(f"ws://127.0.0.1:{server.port}/ws?since=0") as ws, \
+                requests.get(server.url + "/sse/sessions", stream=True, timeout=10) as sse:
+            frames = sse_frames(sse)
+            assert next(frames)["event"] == "init"
+            assert [recv(ws)["type"] for _ in range(2)] == ["init", "session_created"]
+            signalled = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+            assert closed.value.rcvd.code == 1001 and "since" in closed.value.rcvd.reason
+            assert list(frames) == []  # the stream simply ends
+        assert server.proc.wait(timeout=10) in (0, -signal.SIGTERM)
+        assert time.monotonic() - signalled < 5  # a bound: the graceful shutdown would wait 10 s
+        assert "Traceback" not in server.log()
