@@ -79,10 +79,16 @@ async def ws_endpoint(websocket: WebSocket):
             tasks.start_soon(_call_when_ended, subscriber, stop)
             await _send_frames(websocket, _messages(websocket, subscriber, True), since is not None)
             stop()
-    if subscriber.ended:
-        code, reason = _CLOSE[subscriber.ended]
-        with anyio.move_on_after(CLOSE_TIMEOUT):
-            await websocket.close(code, reason)
+        if subscriber.ended == "shutdown":  # while still subscribed: the shutdown waits for it
+            await _goodbye(websocket, subscriber.ended)
+    if subscriber.ended == "dropped":  # no longer counted among the subscribers
+        await _goodbye(websocket, subscriber.ended)
+
+
+async def _goodbye(websocket: WebSocket, why: str) -> None:
+    code, reason = _CLOSE[why]
+    with anyio.move_on_after(CLOSE_TIMEOUT):
+        await websocket.close(code, reason)
 
 
 _CLOSE = {
