@@ -7,7 +7,8 @@ ENV MALLOC_ARENA_MAX=2
 WORKDIR /app
 
 COPY pyproject.toml setup.cfg README.md ./
-COPY coordinator.py models.py broadcast.py logs.py dispatch.py auth.py oidc.py http_guard.py ./
+COPY coordinator.py ./
+COPY coordinator_core ./coordinator_core
 COPY routes ./routes
 COPY store ./store
 # Both optional extras: METRICS_ENABLED and AUTH_ENABLED work without rebuilding the image.

@@ -14,7 +14,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from broadcast import Ended, Message, Subscriber, TooManySubscribers, encode
+from coordinator_core.broadcast import Ended, Message, Subscriber, TooManySubscribers, encode
 from routes.common import SQL_INT_MAX, query_bool, upgrade_required
 from store import cache, sessions
 

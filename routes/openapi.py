@@ -20,12 +20,12 @@ from msgspec import UNSET, UnsetType
 from starlette.requests import Request
 from starlette.routing import Route
 
-from models import (
+from routes.common import json_response
+from store.agents import Agent, CreateAgent, StatusUpdate, UpdateAgent
+from store.models import (
     BindSession, CreateRun, CreateSession, Event, EventRow, RegisterRunner, Run, Runner, RunFailed,
     RunnerReport, Session, SessionMetadata,
 )
-from routes.common import json_response
-from store.agents import Agent, CreateAgent, StatusUpdate, UpdateAgent
 
 REF = "#/components/schemas/{name}"
 

@@ -9,11 +9,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from models import RegisterRunner, RunFailed, RunnerReport
 from routes.common import json_response, query_bool, read_body
 from routes.errors import ValidationFailed
 from routes.metrics import observe_claim
 from store import runners
+from store.models import RegisterRunner, RunFailed, RunnerReport
 
 _register = msgspec.json.Decoder(RegisterRunner)
 _report = msgspec.json.Decoder(RunnerReport)

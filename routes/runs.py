@@ -9,11 +9,11 @@ import msgspec
 from starlette.requests import Request
 from starlette.routing import Route
 
-from models import CreateRun
 from routes.common import json_response, read_body
 from routes.errors import ValidationFailed
 from store import runners, runs
 from store.agents import read_agent
+from store.models import CreateRun
 from store.stamps import new_session_id
 
 _create = msgspec.json.Decoder(CreateRun)

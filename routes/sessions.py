@@ -7,11 +7,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from models import BindSession, CreateSession, Event, Session, SessionMetadata
 from routes.common import json_response, query_int, read_body
 from routes.errors import ValidationFailed
 from store import cache, events, sessions
 from store.errors import NotFound
+from store.models import BindSession, CreateSession, Event, Session, SessionMetadata
 
 _create = msgspec.json.Decoder(CreateSession)
 _bind = msgspec.json.Decoder(BindSession)

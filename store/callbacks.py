@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 import apsw
 
-from models import Run, Session
 from store.errors import NotFound, Rejected
+from store.models import Run, Session
 from store.runs import insert_run, new_run
 from store.sessions import get_session, session_result
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import apsw
 import msgspec
 
-from models import Session, StoredEvent
+from store.models import Session, StoredEvent
 
 _encode = msgspec.json.encode
 _EVENT_FIELDS = ", ".join(f"e.{name}" for name in StoredEvent.__struct_fields__)

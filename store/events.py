@@ -6,9 +6,9 @@ from __future__ import annotations
 import apsw
 import msgspec
 
-from models import EVENT_COLUMNS, Event, EventRow, Session
 from store.changes import raw_json_columns, record_event, record_session
 from store.errors import NotFound, Rejected
+from store.models import EVENT_COLUMNS, Event, EventRow, Session
 from store.sessions import SESSION_NOT_FOUND, get_session, update_session
 
 _encode = msgspec.json.encode

@@ -11,9 +11,9 @@ from typing import Any, NamedTuple, Sequence
 import apsw
 import msgspec
 
-from models import Run, Runner, Session
 from store import callbacks, runs
 from store.errors import NotFound
+from store.models import Run, Runner, Session
 from store.sessions import get_session, update_session
 from store.stamps import now_ts, runner_id as derive_runner_id
 

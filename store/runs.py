@@ -11,9 +11,9 @@ from typing import Any, NamedTuple
 import apsw
 import msgspec
 
-from models import RUN_COLUMNS, Run, Runner, Session
 from store.changes import record, record_session
 from store.errors import NotFound, Rejected
+from store.models import RUN_COLUMNS, Run, Runner, Session
 from store.sessions import create_session, get_session, require_session, update_metadata
 from store.stamps import new_run_id, now_ts
 

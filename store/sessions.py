@@ -5,9 +5,9 @@ from __future__ import annotations
 import apsw
 import msgspec
 
-from models import SESSION_COLUMNS, Session
 from store.changes import record, record_session
 from store.errors import Conflict, NotFound, Rejected
+from store.models import SESSION_COLUMNS, Session
 from store.stamps import now_ts
 
 SESSION_NOT_FOUND = "Session not found"

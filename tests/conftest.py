@@ -12,7 +12,8 @@ import pytest
 import requests
 import uvicorn
 
-from coordinator import Server, Settings, create_app
+from coordinator import Server, create_app
+from coordinator_core.settings import Settings
 
 
 class RunningServer:

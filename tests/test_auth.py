@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from coordinator import Settings, SettingsError
+from coordinator_core.settings import Settings, SettingsError
 from server_process import ServerProcess
 from test_live import recv
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import apsw
 
 from conftest import RunningServer
-from coordinator import Settings
+from coordinator_core.settings import Settings
 from test_sessions import create, event
 
 ROOT = Path(__file__).resolve().parent.parent

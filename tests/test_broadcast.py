@@ -1,6 +1,6 @@
 """Broadcast messages: each transport's frame, built once and shared."""
 
-from broadcast import Broadcaster, Message, encode
+from coordinator_core.broadcast import Broadcaster, Message, encode
 
 
 def test_frames_of_every_transport():

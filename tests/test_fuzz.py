@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from starlette.routing import Route, WebSocketRoute
 from websockets.sync.client import connect
 
-import models
-from coordinator import Settings, create_app
-from store import agents as agent_store
+from coordinator import create_app
+from coordinator_core.settings import Settings
+from store import agents as agent_store, models
 
 EXAMPLES_PER_ROUTE = 40
 FUZZ_SETTINGS = settings(

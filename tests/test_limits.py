@@ -9,7 +9,7 @@ import pytest
 import requests
 from hypothesis import given, settings, strategies as st
 
-from coordinator import Settings, SettingsError
+from coordinator_core.settings import Settings, SettingsError
 from routes.common import json_depth
 from server_process import ServerProcess
 from test_sessions import create, event

@@ -16,7 +16,7 @@ from pathlib import Path
 import requests
 from websockets.sync.client import connect
 
-import logs
+from coordinator_core import logs
 from test_sessions import event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +138,8 @@ def test_request_lines_waiting_to_be_written_are_all_written_in_order():
     # Lines logged on the event loop wait to go to the writer thread together; flushing (as at
     # shutdown) writes those still waiting; a line logged outside any loop goes on its own.
     script = """
-import asyncio, sys, logs
+import asyncio, sys
+from coordinator_core import logs
 
 def answered(n):
     logs.log_request({"type": "http", "method": "GET", "path": f"/waiting/{n}"}, 200, 0.00125)

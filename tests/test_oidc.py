@@ -30,9 +30,9 @@ from starlette.routing import WebSocketRoute
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from auth import Rejected
-from coordinator import Settings, SettingsError
-from oidc import JwtVerifier
+from coordinator_core.auth import Rejected
+from coordinator_core.oidc import JwtVerifier
+from coordinator_core.settings import Settings, SettingsError
 from server_process import ROOT, ServerProcess
 from test_auth import _start_fails
 from test_live import recv, wait_until

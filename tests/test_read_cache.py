@@ -5,11 +5,11 @@ import anyio
 import msgspec
 import pytest
 
-from coordinator import Settings, SettingsError
-from models import Event
+from coordinator_core.settings import Settings, SettingsError
 from store import cache, events, sessions
 from store.cache import ReadCache
 from store.db import Database
+from store.models import Event
 from store.retention import delete_expired_sessions
 from test_sessions import create, event
 

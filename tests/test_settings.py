@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import Settings, SettingsError
+from coordinator_core.settings import Settings, SettingsError
 
 
 def test_defaults(tmp_path, monkeypatch):

@@ -2,10 +2,10 @@
 
 import pytest
 
-from models import Runner
 from store import callbacks, runners, runs
 from store.db import Database
 from store.errors import Conflict, NotFound, Rejected
+from store.models import Runner
 from store.sessions import create_session, get_session, update_session
 from store.stamps import now_ts
 

@@ -20,18 +20,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import anyio
 from starlette.types import Receive
 
-from models import Run
+from coordinator_core.settings import Settings
 from store import callbacks, runners, runs
 from store.db import Database
+from store.models import Run
 from store.stamps import now_ts
-
-if TYPE_CHECKING:
-    from coordinator import Settings
 
 log = logging.getLogger("coordinator.dispatch")
 

@@ -20,7 +20,7 @@ import anyio
 import jwt
 import msgspec
 
-from auth import Rejected
+from coordinator_core.auth import Rejected
 
 log = logging.getLogger("coordinator.oidc")
 

@@ -20,7 +20,7 @@ import anyio
 import msgspec
 
 if TYPE_CHECKING:
-    from oidc import JwtVerifier
+    from coordinator_core.oidc import JwtVerifier
 
 OPEN_PATHS = {"/health", "/"}  # the live page is static: its data needs a credential
 QUERY_KEY_PATHS = {"/ws", "/sse/sessions"}
