@@ -111,6 +111,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
 
 
+STREAMS_GOODBYE_TIMEOUT = 1.0
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, setting the app's `shutting_down` event as its shutdown begins (on
     SIGTERM or SIGINT). uvicorn runs the lifespan shutdown only once every connection has
@@ -120,7 +123,12 @@ class Server(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         # Those waiting on the event run at the first pause of uvicorn's shutdown, after it told
         # every connection to close: their last answers go out with `Connection: close`.
-        self.config.app.state.shutting_down.set()
+        state = self.config.app.state
+        state.shutting_down.set()
+        # Live streams end themselves first (a WebSocket with 1001 "going away"), before uvicorn
+        # closes whatever is left with its own code.
+        with anyio.move_on_after(STREAMS_GOODBYE_TIMEOUT):
+            await state.broadcaster.wait_unsubscribed()
         await super().shutdown(sockets)
 
 
