@@ -39,6 +39,10 @@ from store.errors import DatabaseUnusable
 
 log = logging.getLogger("coordinator")
 
+# Seconds a live subscriber resuming from a cursor this process has not fanned out yet waits for
+# it (another process handed it out a moment ago), before it is taken as beyond the newest.
+RESUME_WAIT = 2.0
+
 
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the ASGI app; the store and background tasks live only inside its lifespan."""
@@ -55,6 +59,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             queue_size=settings.broadcast_queue_size,
             buffer_bytes=settings.subscriber_buffer_bytes,
             max_subscribers=settings.max_subscribers,
+            resume_wait=RESUME_WAIT if db.shared else 0.0,
         )
         # Changes handed over before this assignment wait in the loop until the broadcaster runs.
         broadcaster.cursor = await anyio.to_thread.run_sync(db.start_changes, broadcaster.committed)
@@ -67,8 +72,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.dispatcher = dispatcher = Dispatcher(db, settings)
         # Set once the server begins to shut down (see Server): held polls and streams end then.
         app.state.shutting_down = asyncio.Event()
+        # Wake-ups from the other processes serving the database arrive on a thread of the store.
+        loop = asyncio.get_running_loop()
+        alone = await anyio.to_thread.run_sync(
+            db.join, lambda runner_id: loop.call_soon_threadsafe(dispatcher.wake_here, runner_id)
+        )
+        if settings.database_url is not None:
+            log.info("serving the database %s", "alone" if alone else "beside other coordinators")
         try:
-            await dispatcher.recover()
+            await dispatcher.recover(alone)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(broadcaster.run)
                 tasks.start_soon(dispatcher.close_when, app.state.shutting_down)
