@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from server_process import ServerProcess
-from store.db import MIGRATIONS
+from store.sqlite import MIGRATIONS
 from test_live import StalledClient, recv, sse_frames, wait_until
 from test_sessions import create, event
 
