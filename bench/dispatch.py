@@ -15,19 +15,20 @@ import time
 
 import msgspec
 
-from bench.harness import LOAD_CPU, Server, exchange, percentile, pin_to, request_bytes
+from bench.harness import LOAD_CPU, Server, exchange, percentile, pin_to, ports_of, request_bytes
 
 RUNNERS = 4
 
 
-async def _dispatch(port: int, runs: int, rate: float | None) -> tuple[float, list[float]]:
+async def _dispatch(port: int | list[int], runs: int, rate: float | None) -> tuple[float, list[float]]:
+    ports = ports_of(port)
     created: dict[str, float] = {}
     claimed: dict[str, float] = {}
     done = asyncio.Event()
     registered = asyncio.Barrier(RUNNERS + 1)
 
     async def runner(index: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports[index % len(ports)])
         identity = {"hostname": f"bench-{index}-{time.time()}", "project_dir": "/bench", "executor_type": "bench"}
         _, reply = await exchange(reader, writer, request_bytes("POST", "/runner/register", msgspec.json.encode(identity)))
         poll = request_bytes("GET", f"/runner/runs?runner_id={msgspec.json.decode(reply)['runner_id']}")
@@ -45,7 +46,8 @@ async def _dispatch(port: int, runs: int, rate: float | None) -> tuple[float, li
     pollers = [asyncio.ensure_future(runner(i)) for i in range(RUNNERS)]
     await registered.wait()
     await asyncio.sleep(0.05)  # the polls are on their way: let them park
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    clients = [await asyncio.open_connection("127.0.0.1", each) for each in ports]
+    reader, writer = clients[0]
     # Runs resume one session, so the benchmark does not grow the session list other workloads read.
     await exchange(reader, writer, request_bytes("POST", "/sessions", b'{"session_id":"ses_dispatch"}'))  # 409 later
     create = request_bytes(
@@ -56,20 +58,22 @@ async def _dispatch(port: int, runs: int, rate: float | None) -> tuple[float, li
         for n in range(runs):
             if rate:
                 await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
-            _, reply = await exchange(reader, writer, create)
+            _, reply = await exchange(*clients[n % len(clients)], create)
             created[msgspec.json.decode(reply)["run_id"]] = time.perf_counter()
         await asyncio.wait_for(done.wait(), 30)
     finally:
         elapsed = time.perf_counter() - start
         for task in pollers:
             task.cancel()
-        writer.close()
+        for _, each in clients:
+            each.close()
     latencies = [(claimed[run_id] - at) * 1000 for run_id, at in created.items() if run_id in claimed]
     return len(claimed) / elapsed, latencies
 
 
-def dispatch(port: int, runs: int, rate: float | None) -> tuple[float, list[float]]:
-    """`runs` runs created at `rate` per second (None: back to back) while 4 runners poll:
+def dispatch(port: int | list[int], runs: int, rate: float | None) -> tuple[float, list[float]]:
+    """`runs` runs created at `rate` per second (None: back to back) while 4 runners poll
+    (runners and creations spread round-robin over several ports):
     claimed runs per second and create→claim latencies in ms."""
     return asyncio.run(_dispatch(port, runs, rate))
 

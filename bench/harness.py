@@ -147,14 +147,20 @@ class LoadResult:
         return self.requests / self.seconds
 
 
-async def _load(port: int, make_request, concurrency: int, seconds: float) -> LoadResult:
+def ports_of(port: int | list[int]) -> list[int]:
+    """One server's port, or the ports of several serving one database (load spread round-robin)."""
+    return [port] if isinstance(port, int) else port
+
+
+async def _load(port: int | list[int], make_request, concurrency: int, seconds: float) -> LoadResult:
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
 
     async def worker(index: int) -> None:
         nonlocal errors
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        ports = ports_of(port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports[index % len(ports)])
         n = 0
         try:
             while time.perf_counter() < stop_at:
@@ -174,8 +180,8 @@ async def _load(port: int, make_request, concurrency: int, seconds: float) -> Lo
     return LoadResult(len(latencies), wall, latencies, errors, (time.process_time() - cpu0) / wall)
 
 
-def http_load(port: int, make_request, concurrency: int = 16, seconds: float = 3.0) -> LoadResult:
-    """Closed-loop load: `concurrency` keep-alive connections, each sending
+def http_load(port: int | list[int], make_request, concurrency: int = 16, seconds: float = 3.0) -> LoadResult:
+    """Closed-loop load: `concurrency` keep-alive connections (spread over the ports), each sending
     `make_request(worker_index, n)` (raw request bytes) back to back for `seconds`."""
     return asyncio.run(_load(port, make_request, concurrency, seconds))
 
