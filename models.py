@@ -184,3 +184,79 @@ class RunnerReport(msgspec.Struct):
 
 class RunFailed(RunnerReport):
     error: str
+
+
+# -- Claude Code hooks and approvals --------------------------------------------------------
+
+
+class ClaudeCodeHook(msgspec.Struct):
+    """What a Claude Code HTTP hook posts: the fields the coordinator reads. Every other key, of
+    any hook event, is kept verbatim with the event (`extra`)."""
+
+    session_id: str
+    hook_event_name: str
+    cwd: str | None = None
+    transcript_path: str | None = None
+    permission_mode: str | None = None
+    tool_name: str | None = None
+    tool_input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    prompt: str | None = None
+    last_assistant_message: str | None = None
+    error: str | None = None
+    reason: str | None = None
+    agent_id: str | None = None
+    agent_type: str | None = None
+
+
+ApprovalDecision = Literal["allow", "deny"]
+
+
+class Approval(msgspec.Struct):
+    """A tool call waiting for, or decided by, a person. `status`: pending, decided, expired
+    (nobody can be answered any more); `decided_by` is who decided, or `timeout`."""
+
+    approval_id: str
+    session_id: str
+    source: str  # "claude_code" (a held hook request) or "api"
+    hook_event_name: str | None
+    tool_name: str
+    tool_input: msgspec.Raw | None
+    tool_use_id: str | None
+    agent_id: str | None
+    agent_type: str | None
+    requested_at: str
+    expires_at: str
+    status: str
+    decision: str | None
+    reason: str | None
+    decided_by: str | None
+    decided_at: str | None
+
+
+APPROVAL_COLUMNS = ", ".join(Approval.__struct_fields__)
+
+
+class RequestApproval(msgspec.Struct):
+    """POST /approvals: any client asks a person whether a tool call may run."""
+
+    session_id: str
+    tool_name: str
+    tool_input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    agent_id: str | None = None
+    agent_type: str | None = None
+
+
+class Decide(msgspec.Struct):
+    decision: ApprovalDecision
+    reason: str | None = None
+
+
+class ApprovalRule(msgspec.Struct, forbid_unknown_fields=True):
+    """Which hook tool calls wait for a person: glob patterns (fnmatch) on the tool name and,
+    when given, on the agent and the project dir."""
+
+    tool: str
+    agent: str | None = None
+    project_dir: str | None = None
