@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 
 import anyio
 import apsw
+import msgspec
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -34,7 +35,9 @@ from dispatch import Dispatcher
 from http_guard import GuardedHttpProtocol
 import logs
 from logs import RequestLog, log_request
-from routes import agents, errors, health, live, metrics, openapi, page, runner, runs, sessions
+from models import ApprovalRule
+from routes import agents, approvals, errors, health, hooks, live, metrics, openapi, page, runner, runs, sessions
+from routes.approval_broker import ApprovalBroker
 from store import backup, changes, retention
 from store.agents import remove_leftovers
 from store.db import Database
@@ -130,6 +133,28 @@ def _issuer_url(raw: str) -> str:
     return url
 
 
+def _approval_rules(raw: str) -> tuple[ApprovalRule, ...]:
+    try:
+        return tuple(msgspec.json.decode(raw, type=list[ApprovalRule]))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f'must be a JSON list of rules like {{"tool": "Bash", "agent": "*", "project_dir": "/srv/*"}}: {exc}') from None
+
+
+def _approval_rules_file(raw: str) -> tuple[ApprovalRule, ...]:
+    try:
+        text = Path(raw).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the rules: {exc}") from None
+    return _approval_rules(text)
+
+
+def _approval_decision(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("allow", "deny"):
+        raise ValueError("must be allow or deny")
+    return value
+
+
 def _token(raw: str) -> str:
     token = raw.strip()
     if not token:
@@ -187,6 +212,9 @@ class Settings:
     api_token: str | None = None
     database_max_mb: float = 0.0  # 0: no cap
     run_stop_timeout: float = 300.0
+    approval_rules: tuple[ApprovalRule, ...] = ()  # none: no hook waits for a person
+    approval_timeout: float = 300.0  # below Claude Code's default hook timeout (600 s)
+    approval_timeout_decision: str = "deny"
 
     @property
     def data_dir(self) -> Path:
@@ -228,6 +256,8 @@ class Settings:
                 raise SettingsError(f"{var}={raw!r}: {exc}") from None
         if "COORDINATOR_API_TOKEN" in env and "COORDINATOR_API_TOKEN_FILE" in env:
             raise SettingsError("COORDINATOR_API_TOKEN and COORDINATOR_API_TOKEN_FILE are both set: use one")
+        if "APPROVAL_RULES" in env and "APPROVAL_RULES_FILE" in env:
+            raise SettingsError("APPROVAL_RULES and APPROVAL_RULES_FILE are both set: use one")
         settings = cls(**values)
         if settings.auth_enabled:
             _check_jwt_settings(settings)
@@ -287,6 +317,10 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("COORDINATOR_API_TOKEN_FILE", "api_token", _token_file),
     ("DATABASE_MAX_MB", "database_max_mb", _non_negative_float),
     ("RUN_STOP_TIMEOUT", "run_stop_timeout", _positive_float),
+    ("APPROVAL_RULES", "approval_rules", _approval_rules),
+    ("APPROVAL_RULES_FILE", "approval_rules", _approval_rules_file),
+    ("APPROVAL_TIMEOUT", "approval_timeout", _positive_float),
+    ("APPROVAL_TIMEOUT_DECISION", "approval_timeout_decision", _approval_decision),
 ]
 
 
@@ -324,14 +358,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.metrics = metrics.Metrics(app.state)
             db.on_write = app.state.metrics.observe_write
         app.state.dispatcher = dispatcher = Dispatcher(db, settings)
+        app.state.approvals = approval_broker = ApprovalBroker(db, settings)
         # Set once the server begins to shut down (see Server): held polls and streams end then.
         app.state.shutting_down = asyncio.Event()
         try:
             await dispatcher.recover()
+            await approval_broker.expire_held()
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(broadcaster.run)
                 tasks.start_soon(dispatcher.close_when, app.state.shutting_down)
                 tasks.start_soon(broadcaster.close_when, app.state.shutting_down)
+                tasks.start_soon(approval_broker.close_when, app.state.shutting_down)
+                tasks.start_soon(approval_broker.run)
                 if settings.retention_days:
                     tasks.start_soon(retention.run_periodically, db, settings.retention_days, settings.retention_interval)
                 tasks.start_soon(dispatcher.run)
@@ -345,10 +383,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(
         routes=[
             *sessions.routes,
+            *hooks.routes,
             *runner.routes,
             *runs.routes,
             *health.routes,
             *agents.routes,
+            *approvals.routes,
             *live.routes,
             *page.routes,
             *metrics.routes,

@@ -6,7 +6,7 @@ key (null when unset) unless a Struct says `omit_defaults`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 import msgspec
 
@@ -67,6 +67,19 @@ class EventRow(msgspec.Struct):
 
 
 EVENT_COLUMNS = ", ".join(EventRow.__struct_fields__)
+# The keys an event has of its own; a client's other keys are its extra keys (`id` included:
+# it is the stored event's own key in the answers).
+EVENT_KEYS = frozenset(EventRow.__struct_fields__)
+
+
+def extra_json(fields: dict[str, msgspec.Raw], skip: Iterable[str] = ()) -> str | None:
+    """The keys of `fields` (a JSON object's keys with their values undecoded) beyond the event's
+    own (and `skip`) as one JSON object, in the order sent, values byte for byte; None when there
+    are none. A value that is not UTF-8 raises UnicodeDecodeError."""
+    if fields.keys() <= EVENT_KEYS:
+        return None
+    extra = {key: value for key, value in fields.items() if key not in EVENT_KEYS and key not in skip}
+    return msgspec.json.encode(extra).decode() if extra else None
 
 
 class StoredEvent(msgspec.Struct):
