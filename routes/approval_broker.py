@@ -56,6 +56,10 @@ class ApprovalBroker:
     def created(self) -> None:
         self._created.set()
 
+    def waiting(self, approval_id: str) -> int:
+        """How many requests wait for this approval right now."""
+        return len(self._waiters.get(approval_id, ()))
+
     def wake(self, approval_ids) -> None:
         for approval_id in approval_ids:
             for waiter in self._waiters.get(approval_id, ()):
