@@ -29,9 +29,9 @@ CLOSE_POLICY = 1008
 async def _init_message(request, subscriber: Subscriber, since: int | None) -> Message:
     """All sessions (newest first), or only the filtered one. Its cursor is where the stream
     goes on from: the resume cursor, else the newest change when the subscriber went live, so
-    it is never above the next message's."""
+    it is never above the next message's (a resume cursor beyond the log, too)."""
     broadcaster = request.app.state.broadcaster
-    cursor = subscriber.cursor if since is None else since
+    cursor = subscriber.cursor if since is None else min(since, broadcaster.cursor)
     if subscriber.session_id is None:
         found = await request.app.state.db.read_cached(cache.SESSIONS, sessions.list_sessions_json)
         return broadcaster.init_message(found, cursor)
