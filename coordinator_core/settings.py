@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+import msgspec
+
+from store.models import ApprovalRule
+
 
 class SettingsError(ValueError):
     """A configuration value that cannot be used; the message names the variable."""
@@ -98,6 +102,28 @@ def _issuer_url(raw: str) -> str:
     return url
 
 
+def _approval_rules(raw: str) -> tuple[ApprovalRule, ...]:
+    try:
+        return tuple(msgspec.json.decode(raw, type=list[ApprovalRule]))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f'must be a JSON list of rules like {{"tool": "Bash", "agent": "*", "project_dir": "/srv/*"}}: {exc}') from None
+
+
+def _approval_rules_file(raw: str) -> tuple[ApprovalRule, ...]:
+    try:
+        text = Path(raw).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the rules: {exc}") from None
+    return _approval_rules(text)
+
+
+def _approval_decision(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("allow", "deny"):
+        raise ValueError("must be allow or deny")
+    return value
+
+
 def _token(raw: str) -> str:
     token = raw.strip()
     if not token:
@@ -155,6 +181,9 @@ class Settings:
     api_token: str | None = None
     database_max_mb: float = 0.0  # 0: no cap
     run_stop_timeout: float = 300.0
+    approval_rules: tuple[ApprovalRule, ...] = ()  # none: no hook waits for a person
+    approval_timeout: float = 300.0  # below Claude Code's default hook timeout (600 s)
+    approval_timeout_decision: str = "deny"
 
     @property
     def data_dir(self) -> Path:
@@ -196,6 +225,8 @@ class Settings:
                 raise SettingsError(f"{var}={raw!r}: {exc}") from None
         if "COORDINATOR_API_TOKEN" in env and "COORDINATOR_API_TOKEN_FILE" in env:
             raise SettingsError("COORDINATOR_API_TOKEN and COORDINATOR_API_TOKEN_FILE are both set: use one")
+        if "APPROVAL_RULES" in env and "APPROVAL_RULES_FILE" in env:
+            raise SettingsError("APPROVAL_RULES and APPROVAL_RULES_FILE are both set: use one")
         settings = cls(**values)
         if settings.auth_enabled:
             _check_jwt_settings(settings)
@@ -255,4 +286,8 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("COORDINATOR_API_TOKEN_FILE", "api_token", _token_file),
     ("DATABASE_MAX_MB", "database_max_mb", _non_negative_float),
     ("RUN_STOP_TIMEOUT", "run_stop_timeout", _positive_float),
+    ("APPROVAL_RULES", "approval_rules", _approval_rules),
+    ("APPROVAL_RULES_FILE", "approval_rules", _approval_rules_file),
+    ("APPROVAL_TIMEOUT", "approval_timeout", _positive_float),
+    ("APPROVAL_TIMEOUT_DECISION", "approval_timeout_decision", _approval_decision),
 ]
