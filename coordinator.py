@@ -31,7 +31,8 @@ from coordinator_core.dispatch import Dispatcher
 from coordinator_core.http_guard import GuardedHttpProtocol
 from coordinator_core.logs import RequestLog, log_request
 from coordinator_core.settings import Settings, SettingsError, parse_database_url, redact_url
-from routes import agents, errors, health, live, metrics, openapi, page, runner, runs, sessions
+from routes import agents, approvals, errors, health, hooks, live, metrics, openapi, page, runner, runs, sessions
+from routes.approval_broker import ApprovalBroker
 from store import backup, changes, retention
 from store.agents import remove_leftovers
 from store.backend import open_database
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.metrics = metrics.Metrics(app.state)
             db.on_write = app.state.metrics.observe_write
         app.state.dispatcher = dispatcher = Dispatcher(db, settings)
+        app.state.approvals = approval_broker = ApprovalBroker(db, settings)
         # Set once the server begins to shut down (see Server): held polls and streams end then.
         app.state.shutting_down = asyncio.Event()
         # Wake-ups from the other processes serving the database arrive on a thread of the store.
@@ -81,10 +83,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             log.info("serving the database %s", "alone" if alone else "beside other coordinators")
         try:
             await dispatcher.recover(alone)
+            await approval_broker.expire_held(alone)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(broadcaster.run)
                 tasks.start_soon(dispatcher.close_when, app.state.shutting_down)
                 tasks.start_soon(broadcaster.close_when, app.state.shutting_down)
+                tasks.start_soon(approval_broker.close_when, app.state.shutting_down)
+                tasks.start_soon(approval_broker.run)
                 if settings.retention_days:
                     tasks.start_soon(retention.run_periodically, db, settings.retention_days, settings.retention_interval)
                 tasks.start_soon(dispatcher.run)
@@ -98,10 +103,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(
         routes=[
             *sessions.routes,
+            *hooks.routes,
             *runner.routes,
             *runs.routes,
             *health.routes,
             *agents.routes,
+            *approvals.routes,
             *live.routes,
             *page.routes,
             *metrics.routes,

@@ -31,7 +31,10 @@ log = logging.getLogger("coordinator.broadcast")
 _encoder = msgspec.json.Encoder()
 
 # SSE `event:` names are the message types; these are all of them.
-TYPES = ("init", "session_created", "session_updated", "session_deleted", "event", "run_failed", "replay_gap")
+TYPES = (
+    "init", "session_created", "session_updated", "session_deleted", "event", "run_failed", "replay_gap",
+    "approval_requested", "approval_decided",
+)
 
 # What a queued message costs beyond its payload (its frame's type, cursor and the objects).
 MESSAGE_OVERHEAD = 200
