@@ -74,11 +74,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.approvals = approval_broker = ApprovalBroker(db, settings)
         # Set once the server begins to shut down (see Server): held polls and streams end then.
         app.state.shutting_down = asyncio.Event()
-        # Wake-ups from the other processes serving the database arrive on a thread of the store.
+        # Wake-ups from the other processes serving the database (a runner id, None: all runners,
+        # or an approval decided) arrive on a thread of the store.
+        def woken(target: str | None) -> None:
+            if target is None or not approval_broker.signalled(target):
+                dispatcher.wake_here(target)
+
         loop = asyncio.get_running_loop()
-        alone = await anyio.to_thread.run_sync(
-            db.join, lambda runner_id: loop.call_soon_threadsafe(dispatcher.wake_here, runner_id)
-        )
+        alone = await anyio.to_thread.run_sync(db.join, lambda target: loop.call_soon_threadsafe(woken, target))
         if settings.database_url is not None:
             log.info("serving the database %s", "alone" if alone else "beside other coordinators")
         try:

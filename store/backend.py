@@ -81,13 +81,15 @@ class Database(Protocol):
 
     def join(self, wake: Callable[[str | None], None]) -> bool:
         """Join the processes serving this database: from now on `wake` is called, from another
-        thread, with what their `signal_wake` sent (a runner id, or None for all). Returns
+        thread, with what their `signal_wake` sent (a runner id, None for all, or another
+        target such as an approval). Returns
         whether this process is alone; if so, none that starts later is until this one returns
         (start-up recovery runs only then). Blocking."""
 
-    def signal_wake(self, runner_id: str | None) -> None:
-        """Tell the other processes' dispatchers to wake that runner's polls (None: all) after a
-        commit; returns at once, the message is sent soon after."""
+    def signal_wake(self, target: str | None) -> None:
+        """Tell the other processes to wake who waits for `target` after a commit: a runner's
+        polls (None: all runners'), or an approval's waiters; returns at once, the message is
+        sent soon after."""
 
     @property
     def leader(self) -> bool:

@@ -486,9 +486,9 @@ class PostgresDatabase:
         self._peers = Peers(self.url, wake)
         return self._peers.join()
 
-    def signal_wake(self, runner_id: str | None) -> None:
+    def signal_wake(self, target: str | None) -> None:
         if self._peers is not None:
-            self._peers.signal(runner_id)
+            self._peers.signal(target)
 
     @property
     def leader(self) -> bool:
@@ -665,7 +665,7 @@ class Peers:
       it has it, and then holds it for as long as the connection lives. PostgreSQL releases a
       session's locks when it ends, so a process that dies, however it dies, hands leadership
       on within about LEADER_RETRY seconds.
-    - Wake-ups: `signal` queues a runner id (or `*`: all); a sender thread sends the queue with
+    - Wake-ups: `signal` queues a target (a runner id, `*`: all runners, `approval:<id>`); a sender thread sends the queue with
       `pg_notify` on its own connection, and every other process's listener calls `wake` on
       receipt. A process ignores its own notifications: it woke its polls already.
     """
@@ -703,8 +703,8 @@ class Peers:
         conn.execute("SELECT pg_advisory_lock_shared(%s, %s)", (self._key, ALIVE))
         conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self._channel)))
 
-    def signal(self, runner_id: str | None) -> None:
-        self._outbox.put(runner_id or "*")
+    def signal(self, target: str | None) -> None:
+        self._outbox.put(target or "*")
 
     def _listen(self) -> None:
         conn = self._conn
@@ -751,8 +751,6 @@ class Peers:
                     self._outbox.put(None)
                     break
                 pending.add(item)
-            if "*" in pending:  # waking all wakes each
-                pending = {"*"}
             try:
                 if conn is None:
                     conn = connect(self.url, autocommit=True)

@@ -490,7 +490,7 @@ class SqliteDatabase:
     def join(self, wake: Callable[[str | None], None]) -> bool:
         return True
 
-    def signal_wake(self, runner_id: str | None) -> None:
+    def signal_wake(self, target: str | None) -> None:
         pass
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ import requests
 
 from runner_client import ScriptedRunner, registered, start_run, wait_for
 from server_process import ServerProcess
+from test_approvals import PRE_TOOL
 from test_changelog import Subscriber, writer
 
 # Polls end every 2 s, so runners cycle over the replicas; lifecycle checks run often.
@@ -331,6 +332,19 @@ def test_subscribers_hopping_between_replicas_get_every_change_once_in_order(sta
         for cursor, type_, sid in subscriber.received:
             assert stored.get(cursor, (type_, sid)) == (type_, sid) or sid in deleted
         assert subscriber.resumes > 3
+
+
+def test_an_approval_held_on_one_replica_is_answered_at_once_when_decided_on_another(start_replicas):
+    a, b = start_replicas(2, APPROVAL_RULES=json.dumps([{"tool": "Bash"}]), APPROVAL_TIMEOUT="60")
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    hook = pool.submit(a.post, "/hooks/claude-code", PRE_TOOL, timeout=60)
+    (approval,) = wait_for(lambda: b.get("/approvals?status=pending").json()["approvals"], what="approval pending")
+    decided_at = time.monotonic()
+    assert b.post(f"/approvals/{approval['approval_id']}", {"decision": "deny", "reason": "no"}).status_code == 200
+    answer = hook.result(timeout=30)
+    assert time.monotonic() - decided_at < 3  # not at the 60 s time-out
+    assert answer.status_code == 200 and answer.json()["hookSpecificOutput"]["permissionDecision"] == "deny"
+    pool.shutdown()
 
 
 # -- duties --------------------------------------------------------------------------------------
