@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +52,22 @@ def rss_mb(pid: int) -> float:
 
 def current_rss_mb(pid: int) -> float:
     return _status_mb(pid, "VmRSS")
+
+
+def database_env(url: str | None) -> dict[str, str]:
+    """The coordinator's environment for a run on PostgreSQL (`--database-url`): a new, empty
+    schema of that database for each server, as each SQLite server gets a new project dir.
+    None (SQLite): nothing to set."""
+    if url is None:
+        return {}
+    import psycopg
+
+    schema = "bench_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    parts = urllib.parse.urlsplit(url)
+    query = "&".join(filter(None, [parts.query, urllib.parse.urlencode({"options": f"-csearch_path={schema}"})]))
+    return {"COORDINATOR_DATABASE_URL": urllib.parse.urlunsplit(parts._replace(query=query))}
 
 
 @dataclass

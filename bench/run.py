@@ -1,5 +1,6 @@
 """The benchmark: every workload against the coordinator and the bare limit app, alternately,
-and the ratio of the two. `python -m bench.run [--quick] [--rounds N]`.
+and the ratio of the two. `python -m bench.run [--quick] [--rounds N] [--database-url URL]`
+(with a URL, the coordinator stores in that PostgreSQL database, a new schema per server).
 
 Server and load generator are pinned to different CPUs (when there are two); a load generator
 that uses most of its CPU is flagged, since then it, not the server, sets the pace.
@@ -27,6 +28,7 @@ from bench.harness import (
     LoadResult,
     Server,
     current_rss_mb,
+    database_env,
     fetch_all,
     http_load,
     percentile,
@@ -85,6 +87,26 @@ def seed(port: int, sessions: list[str], events_per_session: dict[str, int], pad
     fetch_all(port, raws)
 
 
+def seed_million_postgres(url: str, events: int) -> None:
+    """`seed_million` for a coordinator on PostgreSQL (its schema made first, as a start would)."""
+    import psycopg
+
+    from store.postgres import migrate
+
+    data = msgspec.json.decode(event_body("ses_big", 0))
+    with psycopg.connect(url) as conn:
+        migrate(conn)
+        conn.execute("INSERT INTO sessions (session_id, status, created_at) VALUES ('ses_big', 'running', 't')")
+        conn.execute(
+            "INSERT INTO events (session_id, event_type, timestamp, tool_name, tool_input, tool_output)"
+            " SELECT 'ses_big', 'post_tool', '2025-01-01T00:00:' || lpad(i::text, 9, '0'), 'Bash', %s, %s"
+            " FROM generate_series(0, %s - 1) i",
+            (msgspec.json.encode(data["tool_input"]).decode(), msgspec.json.encode(data["tool_output"]).decode(),
+             events),
+        )
+        conn.execute("INSERT INTO changes (id, type, session_id) SELECT id, 'event', session_id FROM events")
+
+
 def seed_million(db_path: Path, events: int) -> None:
     """Write `events` stored events straight into a fresh database (the server is not running)."""
     conn = apsw.Connection(str(db_path))
@@ -117,7 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--database-url", metavar="URL", help="run the coordinator on this PostgreSQL database")
     args = parser.parse_args()
+    database_url = args.database_url
     quick = args.quick
     rounds = 1 if quick else args.rounds
     seconds = 0.5 if quick else 3.0
@@ -136,7 +160,7 @@ def main() -> None:
         sample.lost += lost
         sample.saturated |= cpu > 0.9
 
-    coordinator, limit = Server(), Server(limit=True)
+    coordinator, limit = Server(env=database_env(database_url)), Server(limit=True)
     with coordinator, limit:
         memory["idle"] = current_rss_mb(coordinator.proc.pid)
         for server in (coordinator, limit):
@@ -169,10 +193,12 @@ def main() -> None:
 
     # Growth: the same ingest and read on an empty database and on one with many events.
     for label, events in (("empty", 0), (f"{growth_events:,} events", growth_events)):
-        server = Server()
+        server = Server(env=database_env(database_url))
         server.project_dir = Path(tempfile.mkdtemp(prefix="bench-growth-"))
         (server.project_dir / ".agent-orchestrator").mkdir()
-        if events:
+        if events and database_url:
+            seed_million_postgres(server.env["COORDINATOR_DATABASE_URL"], events)
+        elif events:
             seed_million(server.project_dir / ".agent-orchestrator" / "observability.db", events)
         with server:
             seed(server.port, ["ses_100", *INGEST_SESSIONS], {"ses_100": 100})

@@ -146,15 +146,16 @@ def redact_url(url: str) -> str:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "(a URL that cannot be parsed)"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{hostinfo}"
-    query = "&".join(
-        "password=***" if pair.split("=", 1)[0].lower() == "password" else pair for pair in parts.query.split("&")
-    )
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    shown = url
+    userinfo = parts.netloc.rpartition("@")[0]
+    if ":" in userinfo:
+        shown = shown.replace(f"//{userinfo}@", f"//{userinfo.partition(':')[0]}:***@", 1)
+    if parts.query:
+        query = "&".join(
+            "password=***" if pair.split("=", 1)[0].lower() == "password" else pair for pair in parts.query.split("&")
+        )
+        shown = shown.replace("?" + parts.query, "?" + query, 1)
+    return shown
 
 
 def parse_database_url(raw: str) -> str:
@@ -249,6 +250,11 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        for one, other in (("COORDINATOR_API_TOKEN", "COORDINATOR_API_TOKEN_FILE"),
+                           ("COORDINATOR_DATABASE_URL", "COORDINATOR_DATABASE_URL_FILE"),
+                           ("APPROVAL_RULES", "APPROVAL_RULES_FILE")):
+            if one in env and other in env:
+                raise SettingsError(f"{one} and {other} are both set: use one")
         values: dict[str, object] = {}
         for var, name, parse in _ENV:
             raw = env.get(var)
@@ -259,11 +265,6 @@ class Settings:
             except ValueError as exc:
                 shown = redact_url(raw) if var == "COORDINATOR_DATABASE_URL" else raw
                 raise SettingsError(f"{var}={shown!r}: {exc}") from None
-        for one, other in (("COORDINATOR_API_TOKEN", "COORDINATOR_API_TOKEN_FILE"),
-                           ("COORDINATOR_DATABASE_URL", "COORDINATOR_DATABASE_URL_FILE"),
-                           ("APPROVAL_RULES", "APPROVAL_RULES_FILE")):
-            if one in env and other in env:
-                raise SettingsError(f"{one} and {other} are both set: use one")
         settings = cls(**values)
         if settings.auth_enabled:
             _check_jwt_settings(settings)

@@ -554,13 +554,15 @@ class ChangeTail:
     MAX_PAIRS = 64  # beyond, the newest pair replaces the last: it settles later, never wrongly
     PAGE_BYTES = 4 * 1024 * 1024
     START_WAIT = 10.0
+    LONG_WAIT = 5.0  # seconds a pair may wait before the log says what holds it
 
     def __init__(self, url: str, handler: Callable[[list[changes.Change]], None], advanced: Callable[[int], None]):
         self.url = url
         self.handler = handler
         self.advanced = advanced
         self.cursor = 0
-        self._waiting_pairs: collections.deque[tuple[int, int]] = collections.deque()  # (L, xmax)
+        self._waiting_pairs: collections.deque[tuple[int, int]] = collections.deque()  # (L, N)
+        self._waiting_since: float | None = None  # when the oldest pair began to wait (for the log)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="store-change-tail", daemon=True)
 
@@ -600,10 +602,11 @@ class ChangeTail:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._follow(conn)
             except psycopg.Error as exc:
-                if self._stop.is_set():
-                    return
-                log.error("following the change log failed (%s); reconnecting", one_line(exc))
-                self._stop.wait(1.0)
+                if not self._stop.is_set():
+                    log.error("following the change log failed (%s); reconnecting", one_line(exc))
+            except Exception:  # a bug: live updates must not stop for good
+                log.exception("following the change log failed; starting again")
+            self._stop.wait(1.0)
 
     def _follow(self, conn: psycopg.Connection) -> None:
         timeout = 0.0
@@ -631,6 +634,14 @@ class ChangeTail:
         settled = None
         while self._waiting_pairs and self._waiting_pairs[0][1] <= xmin:
             settled = self._waiting_pairs.popleft()[0]
+            self._waiting_since = None
+        if self._waiting_pairs:
+            now = time.monotonic()
+            self._waiting_since = self._waiting_since or now
+            if now - self._waiting_since > self.LONG_WAIT:
+                log.warning("live updates are held back by transaction %d, open on the database server for over"
+                            " %g s", xmin, self.LONG_WAIT)
+                self._waiting_since = now
         return settled
 
     def _hand_over(self, conn: psycopg.Connection, upto: int) -> None:

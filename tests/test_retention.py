@@ -1,5 +1,5 @@
-"""Retention: the store verb on a real APSW file, the pass through the writer, and the periodic
-task of a running server (deletes and broadcasts)."""
+"""Retention: the store verb and the pass through `Database.write` on each backend, and the
+periodic task of a running server (deletes and broadcasts)."""
 
 import json
 import time
@@ -8,7 +8,6 @@ import anyio
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from store.sqlite import SqliteDatabase as Database, connect, migrate
 from store.changes import max_deleted
 from store.retention import delete_expired_sessions, purge
 from test_sessions import create, event
@@ -16,14 +15,6 @@ from test_sessions import create, event
 OLD = "2025-01-01T00:00:00.000000+00:00"
 NEW = "2025-06-01T00:00:00.000000+00:00"
 CUTOFF = "2025-03-01T00:00:00.000000+00:00"
-
-
-@pytest.fixture
-def conn(tmp_path):
-    conn = connect(tmp_path / "observability.db")
-    migrate(conn)
-    yield conn
-    conn.close()
 
 
 def add_session(conn, session_id, status="finished", created_at=OLD, events=0, run=None, parent=None):
@@ -47,61 +38,57 @@ def ids(conn, table, column="session_id"):
     return sorted(row[0] for row in conn.execute(f"SELECT DISTINCT {column} FROM {table}"))
 
 
-def delete(conn, *args, **kwargs):
-    with conn:  # one write transaction, as in the writer
-        return delete_expired_sessions(conn, *args, **kwargs)
-
-
-def test_deletes_old_sessions_that_are_over_with_their_events_and_runs(conn):
-    add_session(conn, "finished", events=3, run="completed")
-    add_session(conn, "stopped", status="stopped", created_at="2025-01-02T00:00:00.000000+00:00", run="stopped")
-    add_session(conn, "running", status="running", events=1)
-    add_session(conn, "recent", created_at=NEW, events=1)
-    add_session(conn, "run_pending", run="pending")
-    add_session(conn, "callback_queued")
-    conn.execute(
+def test_deletes_old_sessions_that_are_over_with_their_events_and_runs(store_db):
+    db = store_db
+    db.write_sync(add_session, "finished", events=3, run="completed")
+    db.write_sync(add_session, "stopped", status="stopped", created_at="2025-01-02T00:00:00.000000+00:00",
+                  run="stopped")
+    db.write_sync(add_session, "running", status="running", events=1)
+    db.write_sync(add_session, "recent", created_at=NEW, events=1)
+    db.write_sync(add_session, "run_pending", run="pending")
+    db.write_sync(add_session, "callback_queued")
+    db.write_sync(lambda conn: conn.execute(
         "INSERT INTO callbacks (parent_session_id, child_session_id, failed) VALUES ('callback_queued', 'c', 0)"
+    ))
+    db.write_sync(add_session, "child", status="running", created_at=NEW, parent="finished")
+    newest_deleted = db.read_sync(
+        lambda conn: conn.execute("SELECT max(id) FROM events WHERE session_id = 'finished'").fetchone()[0]
     )
-    add_session(conn, "child", status="running", created_at=NEW, parent="finished")
-    newest_deleted = conn.execute("SELECT max(id) FROM events WHERE session_id = 'finished'").fetchone()[0]
 
-    assert delete(conn, CUTOFF) == ["finished", "stopped"]  # oldest first
+    assert db.write_sync(delete_expired_sessions, CUTOFF) == ["finished", "stopped"]  # oldest first
 
-    assert ids(conn, "sessions") == ["callback_queued", "child", "recent", "run_pending", "running"]
-    assert ids(conn, "events") == ["recent", "running"]
-    assert ids(conn, "runs", "run_id") == ["run_run_pending"]
-    assert conn.execute("SELECT parent_session_id FROM sessions WHERE session_id = 'child'").fetchone() == (None,)
-    assert max_deleted(conn) == newest_deleted  # live subscribers learn of the gap
-    assert delete(conn, CUTOFF) == []
+    assert db.read_sync(ids, "sessions") == ["callback_queued", "child", "recent", "run_pending", "running"]
+    assert db.read_sync(ids, "events") == ["recent", "running"]
+    assert db.read_sync(ids, "runs", "run_id") == ["run_run_pending"]
+    parent = "SELECT parent_session_id FROM sessions WHERE session_id = 'child'"
+    assert db.read_sync(lambda conn: tuple(conn.execute(parent).fetchone())) == (None,)
+    assert db.read_sync(max_deleted) == newest_deleted  # live subscribers learn of the gap
+    assert db.write_sync(delete_expired_sessions, CUTOFF) == []
 
 
-def test_batches_are_bounded_by_sessions_and_by_events(conn):
-    for i in range(250):
-        add_session(conn, f"s{i:03}")
-    assert [len(delete(conn, CUTOFF)) for _ in range(4)] == [100, 100, 50, 0]
+def test_batches_are_bounded_by_sessions_and_by_events(store_db):
+    db = store_db
+    db.write_sync(lambda conn: [add_session(conn, f"s{i:03}") for i in range(250)])
+    assert [len(db.write_sync(delete_expired_sessions, CUTOFF)) for _ in range(4)] == [100, 100, 50, 0]
 
     for i in range(5):
-        add_session(conn, f"e{i}", events=5)
-    add_session(conn, "big", created_at="2025-01-02T00:00:00.000000+00:00", events=50)
-    batches = [delete(conn, CUTOFF, max_events=12) for _ in range(5)]
+        db.write_sync(add_session, f"e{i}", events=5)
+    db.write_sync(add_session, "big", created_at="2025-01-02T00:00:00.000000+00:00", events=50)
+    batches = [db.write_sync(delete_expired_sessions, CUTOFF, max_events=12) for _ in range(5)]
     assert batches == [["e0", "e1"], ["e2", "e3"], ["e4"], ["big"], []]  # a big session goes alone
 
 
-def test_purge_runs_batches_through_the_writer(tmp_path):
-    db = Database(tmp_path / "observability.db")
-    try:
-        for i in range(230):
-            db.write_sync(add_session, f"s{i:03}", status="stopped", events=2)
-        db.write_sync(add_session, "young", created_at="9999-01-01T00:00:00.000000+00:00")
-        assert anyio.run(purge, db, 1.0) == 230
-        tombstones = "SELECT session_id FROM changes WHERE type = 'session_deleted' ORDER BY id"
-        assert [row[0] for row in db.read_sync(lambda conn: conn.execute(tombstones).fetchall())] == [
-            f"s{i:03}" for i in range(230)
-        ]
-        assert db.read_sync(ids, "sessions") == ["young"]
-        assert db.read_sync(ids, "events") == []
-    finally:
-        db.close()
+def test_purge_runs_batches_through_the_writer(store_db):
+    db = store_db
+    db.write_sync(lambda conn: [add_session(conn, f"s{i:03}", status="stopped", events=2) for i in range(230)])
+    db.write_sync(add_session, "young", created_at="9999-01-01T00:00:00.000000+00:00")
+    assert anyio.run(purge, db, 1.0) == 230
+    tombstones = "SELECT session_id FROM changes WHERE type = 'session_deleted' ORDER BY id"
+    assert [row[0] for row in db.read_sync(lambda conn: conn.execute(tombstones).fetchall())] == [
+        f"s{i:03}" for i in range(230)
+    ]
+    assert db.read_sync(ids, "sessions") == ["young"]
+    assert db.read_sync(ids, "events") == []
 
 
 def test_server_deletes_old_finished_sessions_and_tells_live_clients(make_server):
