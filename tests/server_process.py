@@ -1,6 +1,7 @@
 """A coordinator in its own process (`python -m coordinator`), for tests that kill it and for
 the benchmark: start it with an environment and a project dir, wait until /health answers, and
-stop it gently (SIGTERM) or hard (SIGKILL)."""
+stop it gently (SIGTERM) or hard (SIGKILL). It stores in SQLite unless the environment given
+names a PostgreSQL database (the `server_env` fixture does, on that backend)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import apsw
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +35,8 @@ class ServerProcess:
         self.project_dir = Path(project_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "AGENT_ORCHESTRATOR_PROJECT_DIR": str(self.project_dir), **env}
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("COORDINATOR_DATABASE_URL")}
+        self.env = {**inherited, "AGENT_ORCHESTRATOR_PROJECT_DIR": str(self.project_dir), **env}
         self.startup_timeout = startup_timeout
         self.log_path = self.project_dir / "server.log"
         self.proc: subprocess.Popen | None = None
@@ -41,6 +44,25 @@ class ServerProcess:
     @property
     def db_path(self) -> Path:
         return self.project_dir / ".agent-orchestrator" / "observability.db"
+
+    @property
+    def database_url(self) -> str | None:
+        return self.env.get("COORDINATOR_DATABASE_URL")
+
+    def execute(self, sql: str, rows: list) -> None:
+        """Run a statement (SQLite's placeholders) once per row straight on the database, as
+        another program would, e.g. while the server is down."""
+        if self.database_url is None:
+            conn = apsw.Connection(str(self.db_path))
+            conn.executemany(sql, rows)
+            conn.close()
+            return
+        import psycopg
+
+        from store.postgres import translate
+
+        with psycopg.connect(self.database_url) as conn:
+            conn.cursor().executemany(translate(sql), rows)
 
     def start(self, **env: str) -> ServerProcess:
         """Start (again), with extra environment for this start; returns once /health answers."""

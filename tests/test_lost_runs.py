@@ -93,8 +93,8 @@ def test_runs_of_a_removed_runner_fail_and_their_sessions_stop(make_server):
     assert f"## Error\n\n{error}" in callback["prompt"]
 
 
-def test_a_stop_lost_in_a_restart_of_everything_is_settled(tmp_path):
-    env = {"RUNNER_POLL_TIMEOUT": "0.5", "RUNNER_LIFECYCLE_INTERVAL": "0.1", "RUN_STOP_TIMEOUT": "0.5"}
+def test_a_stop_lost_in_a_restart_of_everything_is_settled(tmp_path, server_env):
+    env = {"RUNNER_POLL_TIMEOUT": "0.5", "RUNNER_LIFECYCLE_INTERVAL": "0.1", "RUN_STOP_TIMEOUT": "0.5", **server_env}
     with ServerProcess(tmp_path / "project", **env) as server:
         run = stopping_run(server, registered(server))
         server.kill()

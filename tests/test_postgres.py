@@ -62,8 +62,10 @@ def test_the_url_selects_postgresql_from_the_variable_or_a_file(tmp_path):
      "COORDINATOR_DATABASE_URL='mysql://u:***@h/db': must be a PostgreSQL URL"),
     ({"COORDINATOR_DATABASE_URL": "postgresql://u@h/db", "COORDINATOR_DATABASE_URL_FILE": "/x"},
      "COORDINATOR_DATABASE_URL and COORDINATOR_DATABASE_URL_FILE are both set: use one"),
-    ({"COORDINATOR_DATABASE_URL_FILE": "/nonexistent/url"}, "COORDINATOR_DATABASE_URL_FILE='/nonexistent/url': cannot read"),
-    ({"COORDINATOR_DATABASE_URL": "postgresql://u@h/db", "DATABASE_MAX_MB": "5"}, "DATABASE_MAX_MB caps the SQLite file"),
+    ({"COORDINATOR_DATABASE_URL_FILE": "/nonexistent/url"},
+     "COORDINATOR_DATABASE_URL_FILE='/nonexistent/url': cannot read"),
+    ({"COORDINATOR_DATABASE_URL": "postgresql://u@h/db", "DATABASE_MAX_MB": "5"},
+     "DATABASE_MAX_MB caps the SQLite file"),
 ])
 def test_unusable_configuration_names_the_variable(env, message):
     with pytest.raises(SettingsError) as refused:
@@ -73,13 +75,14 @@ def test_unusable_configuration_names_the_variable(env, message):
 
 def test_passwords_never_shown():
     assert redact_url("postgresql://u:p@h/db") == "postgresql://u:***@h/db"
-    assert redact_url("postgresql://u@h/db?password=p&sslmode=disable") == "postgresql://u@h/db?password=***&sslmode=disable"
+    assert redact_url("postgresql://u@h/db?password=p&sslmode=disable") == (
+        "postgresql://u@h/db?password=***&sslmode=disable")
     assert redact_url("postgresql:///db?host=/run/pg") == "postgresql:///db?host=/run/pg"
 
 
 def test_psycopg_is_imported_only_with_a_url():
-    probe = ("import sys, coordinator, store.backend, store.retention; coordinator.create_app(coordinator.Settings());"
-             " print('psycopg' in sys.modules)")
+    probe = ("import sys, coordinator, store.backend, store.retention;"
+             " coordinator.create_app(coordinator.Settings()); print('psycopg' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -293,5 +296,6 @@ def test_copy_db_without_a_source_or_with_a_bad_target(tmp_path, pg_url):
     bad = command({"AGENT_ORCHESTRATOR_PROJECT_DIR": str(tmp_path)}, "copy-db", "--to", "sqlite:///x.db")
     assert bad.returncode == 1
     assert bad.stderr.splitlines() == [
-        "agent-coordinator: copy-db --to 'sqlite:///x.db': must be a PostgreSQL URL: postgresql://user@host:port/database"
+        "agent-coordinator: copy-db --to 'sqlite:///x.db': must be a PostgreSQL URL:"
+        " postgresql://user@host:port/database"
     ]

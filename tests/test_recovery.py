@@ -2,7 +2,6 @@
 same data; each RUN_RECOVERY_MODE settles the runs as documented, and registered runners, their
 stop commands and queued callbacks carry on."""
 
-import apsw
 import pytest
 
 from runner_client import ScriptedRunner, registered, start_run
@@ -18,20 +17,18 @@ def run_of(server, run_id) -> dict:
 
 def age(server: ServerProcess, run_ids: list[str]) -> None:
     """Make claims and starts an hour old, as if the crash was long ago (server is down)."""
-    conn = apsw.Connection(str(server.db_path))
-    conn.executemany(
-        "UPDATE runs SET claimed_at = ?1, started_at = CASE WHEN started_at IS NULL THEN NULL ELSE ?1 END"
-        " WHERE run_id = ?2",
-        [(OLD, run_id) for run_id in run_ids],
+    server.execute(
+        "UPDATE runs SET claimed_at = :old, started_at = CASE WHEN started_at IS NULL THEN NULL ELSE :old END"
+        " WHERE run_id = :run_id",
+        [{"old": OLD, "run_id": run_id} for run_id in run_ids],
     )
-    conn.close()
 
 
 @pytest.fixture
-def crashed(tmp_path):
+def crashed(tmp_path, server_env):
     """A killed server that left runs claimed, running and stopping, young and old; the runner
     has already received the stop command once."""
-    server = ServerProcess(tmp_path / "project", RUNNER_POLL_TIMEOUT="1").start()
+    server = ServerProcess(tmp_path / "project", RUNNER_POLL_TIMEOUT="1", **server_env).start()
     runner = registered(server)
     ids = {name: start_run(server, prompt=name)["run_id"]
            for name in ("claimed_old", "claimed_young", "running_old", "running_young", "stopping", "pending")}
@@ -78,8 +75,8 @@ def test_restart_recovers_runs_per_mode(crashed, mode, expected):
     assert runner.next_run()["run_id"] == ids[first_pending]
 
 
-def test_registered_runner_keeps_working_across_a_restart(tmp_path):
-    with ServerProcess(tmp_path / "project", RUNNER_POLL_TIMEOUT="0.5") as server:
+def test_registered_runner_keeps_working_across_a_restart(tmp_path, server_env):
+    with ServerProcess(tmp_path / "project", RUNNER_POLL_TIMEOUT="0.5", **server_env) as server:
         runner = registered(server, tags=["gpu"])
         before = server.get("/runners").json()["runners"]
         server.kill()
@@ -94,8 +91,8 @@ def test_registered_runner_keeps_working_across_a_restart(tmp_path):
         assert server.get("/runner/runs", params={"runner_id": "lnch_unknown"}).status_code == 401
 
 
-def test_queued_callbacks_survive_a_restart(tmp_path):
-    with ServerProcess(tmp_path / "project", RUNNER_POLL_TIMEOUT="0.5") as server:
+def test_queued_callbacks_survive_a_restart(tmp_path, server_env):
+    with ServerProcess(tmp_path / "project", RUNNER_POLL_TIMEOUT="0.5", **server_env) as server:
         runner = registered(server)
         parent = start_run(server)
         runner.execute(runner.next_run(), "delegating")

@@ -11,8 +11,8 @@ from server_process import ServerProcess
 from test_runner import PollInThread, wait_until_polling
 
 
-def test_sigterm_answers_a_held_poll_at_once_and_exits_cleanly(tmp_path):
-    with ServerProcess(tmp_path / "project") as server:  # polls are held the default 30 s
+def test_sigterm_answers_a_held_poll_at_once_and_exits_cleanly(tmp_path, server_env):
+    with ServerProcess(tmp_path / "project", **server_env) as server:  # polls are held the default 30 s
         runner = registered(server)
         poll = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         poll.request("GET", f"/runner/runs?runner_id={runner.runner_id}")
@@ -44,8 +44,8 @@ def test_the_test_server_stops_the_same_way(make_server):
         assert elapsed < 5  # a bound: not the 30 s poll timeout
 
 
-def test_runner_restarted_with_the_coordinator_takes_its_registration_over(tmp_path):
-    with ServerProcess(tmp_path / "project", RUNNER_POLL_TIMEOUT="0.5") as server:
+def test_runner_restarted_with_the_coordinator_takes_its_registration_over(tmp_path, server_env):
+    with ServerProcess(tmp_path / "project", RUNNER_POLL_TIMEOUT="0.5", **server_env) as server:
         before = registered(server, tags=["gpu"])
         [listed] = server.get("/runners").json()["runners"]
         server.stop()
@@ -66,8 +66,8 @@ def test_runner_restarted_with_the_coordinator_takes_its_registration_over(tmp_p
         assert duplicate.json()["detail"]["error"] == "duplicate_runner"
 
 
-def test_runner_that_polled_since_the_restart_keeps_its_identity(tmp_path):
-    with ServerProcess(tmp_path / "project", RUNNER_POLL_TIMEOUT="0.5") as server:
+def test_runner_that_polled_since_the_restart_keeps_its_identity(tmp_path, server_env):
+    with ServerProcess(tmp_path / "project", RUNNER_POLL_TIMEOUT="0.5", **server_env) as server:
         survivor = registered(server)
         [listed] = server.get("/runners").json()["runners"]
         server.kill()

@@ -50,7 +50,8 @@ def test_list_is_newest_first_in_byte_order_with_filter_and_limit(store_db):
     for session_id in ("a", "B", "_c", "é"):
         store_db.write_sync(sessions.create_session, session_id)
     # One creation time for all: the ids decide, in byte order (as SQLite compares text).
-    store_db.write_sync(lambda conn: conn.execute("UPDATE sessions SET created_at = '2025-01-01T00:00:00.000000+00:00'"))
+    same_time = "UPDATE sessions SET created_at = '2025-01-01T00:00:00.000000+00:00'"
+    store_db.write_sync(lambda conn: conn.execute(same_time))
     store_db.write_sync(sessions.create_session, "newest")
     store_db.write_sync(sessions.update_session, "B", status="running")
     listed = [s.session_id for s in store_db.read_sync(sessions.list_sessions)]
@@ -97,14 +98,14 @@ def test_result_is_the_first_text_block_of_the_newest_assistant_message(store_db
     store_db.write_sync(sessions.update_session, "s", status="finished")
     with pytest.raises(NotFound, match="No result found"):
         store_db.read_sync(sessions.session_result, "s")
-    message = {"event_type": "message", "role": "assistant"}
-    store_db.write_sync(events.append_event, "s", ev("s", timestamp="2025-01-02", content=[{"text": "older"}], **message))
-    store_db.write_sync(events.append_event, "s", ev("s", timestamp="2025-01-03", content=[{"text": "new\u0000st"},
-                                                                                            {"text": "second"}], **message))
-    store_db.write_sync(events.append_event, "s", ev("s", timestamp="2025-01-04", role="user", content=[{"text": "u"}],
-                                                     event_type="message"))
+    def message(timestamp, content, role="assistant"):
+        store_db.write_sync(events.append_event, "s", ev("s", "message", timestamp, role=role, content=content))
+
+    message("2025-01-02", [{"text": "older"}])
+    message("2025-01-03", [{"text": "new\u0000st"}, {"text": "second"}])
+    message("2025-01-04", [{"text": "u"}], role="user")
     assert store_db.read_sync(sessions.session_result, "s") == "new\u0000st"
-    store_db.write_sync(events.append_event, "s", ev("s", timestamp="2025-01-05", content=[{"text": 7}], **message))
+    message("2025-01-05", [{"text": 7}])
     with pytest.raises(NotFound, match="No result found"):
         store_db.read_sync(sessions.session_result, "s")
 
