@@ -389,9 +389,9 @@ class PostgresDatabase:
                 error = _storage_error(exc, writing=True)
                 if error is exc:
                     raise
-                log.error("a write was not stored: %s", one_line(exc))
+                if not isinstance(error, Rejected):  # the database's fault, not the request's
+                    log.error("a write was not stored: %s", one_line(exc))
                 raise error from exc
-        raise AssertionError("unreachable")
 
     # -- reads ----------------------------------------------------------------------------
 
