@@ -31,7 +31,8 @@ from coordinator_core.dispatch import Dispatcher
 from coordinator_core.http_guard import GuardedHttpProtocol
 from coordinator_core.logs import RequestLog, log_request
 from coordinator_core.settings import Settings, SettingsError, parse_database_url, redact_url
-from routes import agents, errors, health, live, metrics, openapi, page, runner, runs, sessions
+from routes import agents, approvals, errors, health, hooks, live, metrics, openapi, page, runner, runs, sessions
+from routes.approval_broker import ApprovalBroker
 from store import backup, changes, retention
 from store.agents import remove_leftovers
 from store.backend import open_database
@@ -65,14 +66,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.metrics = metrics.Metrics(app.state)
             db.on_write = app.state.metrics.observe_write
         app.state.dispatcher = dispatcher = Dispatcher(db, settings)
+        app.state.approvals = approval_broker = ApprovalBroker(db, settings)
         # Set once the server begins to shut down (see Server): held polls and streams end then.
         app.state.shutting_down = asyncio.Event()
         try:
             await dispatcher.recover()
+            await approval_broker.expire_held()
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(broadcaster.run)
                 tasks.start_soon(dispatcher.close_when, app.state.shutting_down)
                 tasks.start_soon(broadcaster.close_when, app.state.shutting_down)
+                tasks.start_soon(approval_broker.close_when, app.state.shutting_down)
+                tasks.start_soon(approval_broker.run)
                 if settings.retention_days:
                     tasks.start_soon(retention.run_periodically, db, settings.retention_days, settings.retention_interval)
                 tasks.start_soon(dispatcher.run)
@@ -86,10 +91,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(
         routes=[
             *sessions.routes,
+            *hooks.routes,
             *runner.routes,
             *runs.routes,
             *health.routes,
             *agents.routes,
+            *approvals.routes,
             *live.routes,
             *page.routes,
             *metrics.routes,
@@ -111,6 +118,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
 
 
+STREAMS_GOODBYE_TIMEOUT = 1.0
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, setting the app's `shutting_down` event as its shutdown begins (on
     SIGTERM or SIGINT). uvicorn runs the lifespan shutdown only once every connection has
@@ -120,7 +130,12 @@ class Server(uvicorn.Server):
     async def shutdown(self, sockets=None) -> None:
         # Those waiting on the event run at the first pause of uvicorn's shutdown, after it told
         # every connection to close: their last answers go out with `Connection: close`.
-        self.config.app.state.shutting_down.set()
+        state = self.config.app.state
+        state.shutting_down.set()
+        # Live streams end themselves first (a WebSocket with 1001 "going away"), before uvicorn
+        # closes whatever is left with its own code.
+        with anyio.move_on_after(STREAMS_GOODBYE_TIMEOUT):
+            await state.broadcaster.wait_unsubscribed()
         await super().shutdown(sockets)
 
 

@@ -31,7 +31,10 @@ log = logging.getLogger("coordinator.broadcast")
 _encoder = msgspec.json.Encoder()
 
 # SSE `event:` names are the message types; these are all of them.
-TYPES = ("init", "session_created", "session_updated", "session_deleted", "event", "run_failed", "replay_gap")
+TYPES = (
+    "init", "session_created", "session_updated", "session_deleted", "event", "run_failed", "replay_gap",
+    "approval_requested", "approval_decided",
+)
 
 # What a queued message costs beyond its payload (its frame's type, cursor and the objects).
 MESSAGE_OVERHEAD = 200
@@ -184,6 +187,8 @@ class Broadcaster:
         self._loop = loop
         self._subscribers: set[Subscriber] = set()
         self._live: set[Subscriber] = set()
+        self._none = asyncio.Event()  # set while nobody subscribes
+        self._none.set()
         self.dropped_total = 0
         self._init: Message | None = None
 
@@ -219,15 +224,19 @@ class Broadcaster:
         limit is reached."""
         if self.full:
             raise TooManySubscribers
-        cursor = self.cursor if since is None else since
+        # A cursor beyond the newest (from another database, say) resumes from the newest.
+        cursor = self.cursor if since is None else min(since, self.cursor)
         subscriber = Subscriber(session_id, cursor, self.queue_size, self.buffer_bytes)
         self._subscribers.add(subscriber)
+        self._none.clear()
         self._go_live_if_current(subscriber)
         try:
             yield subscriber
         finally:
             self._subscribers.discard(subscriber)
             self._live.discard(subscriber)
+            if not self._subscribers:
+                self._none.set()
 
     def _go_live_if_current(self, subscriber: Subscriber) -> bool:
         if subscriber.cursor >= self.cursor:
@@ -266,6 +275,10 @@ class Broadcaster:
         await shutting_down.wait()
         for subscriber in list(self._subscribers):
             subscriber.end("shutdown")
+
+    async def wait_unsubscribed(self) -> None:
+        """Until nobody subscribes (every transport said goodbye)."""
+        await self._none.wait()
 
     async def run(self) -> None:
         while True:

@@ -55,8 +55,8 @@ class JwtVerifier:
         self._fetch_failed = False
         self._lock = anyio.Lock()
 
-    async def verify(self, token: bytes) -> None:
-        """Return if the token is good, else raise `Rejected` (403, or 503 without the keys)."""
+    async def verify(self, token: bytes) -> dict[str, Any]:
+        """The token's claims if it is good, else raise `Rejected` (403, or 503 without the keys)."""
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except jwt.PyJWTError:
@@ -68,8 +68,8 @@ class JwtVerifier:
         if key is None:
             raise Rejected(503, UNAVAILABLE) if self._fetch_failed else Rejected(403, INVALID)
         try:
-            jwt.decode(token, key, algorithms=[key.algorithm_name], audience=self.audience, issuer=self.issuer,
-                       options={"require": ["exp", "iss", "aud"]})
+            return jwt.decode(token, key, algorithms=[key.algorithm_name], audience=self.audience, issuer=self.issuer,
+                              options={"require": ["exp", "iss", "aud"]})
         except jwt.PyJWTError:
             raise Rejected(403, INVALID) from None
 

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+import msgspec
+
+from store.models import ApprovalRule
+
 
 class SettingsError(ValueError):
     """A configuration value that cannot be used; the message names the variable."""
@@ -96,6 +100,28 @@ def _issuer_url(raw: str) -> str:
     if parts.scheme not in ("https", "http") or not parts.netloc or parts.query or parts.fragment:
         raise ValueError("must be the issuer's URL, as in its tokens' iss claim (https://...)")
     return url
+
+
+def _approval_rules(raw: str) -> tuple[ApprovalRule, ...]:
+    try:
+        return tuple(msgspec.json.decode(raw, type=list[ApprovalRule]))
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f'must be a JSON list of rules like {{"tool": "Bash", "agent": "*", "project_dir": "/srv/*"}}: {exc}') from None
+
+
+def _approval_rules_file(raw: str) -> tuple[ApprovalRule, ...]:
+    try:
+        text = Path(raw).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the rules: {exc}") from None
+    return _approval_rules(text)
+
+
+def _approval_decision(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("allow", "deny"):
+        raise ValueError("must be allow or deny")
+    return value
 
 
 def _token(raw: str) -> str:
@@ -190,6 +216,9 @@ class Settings:
     database_url: str | None = None  # None: the SQLite file in the data dir
     database_max_mb: float = 0.0  # 0: no cap
     run_stop_timeout: float = 300.0
+    approval_rules: tuple[ApprovalRule, ...] = ()  # none: no hook waits for a person
+    approval_timeout: float = 300.0  # below Claude Code's default hook timeout (600 s)
+    approval_timeout_decision: str = "deny"
 
     @property
     def data_dir(self) -> Path:
@@ -217,11 +246,20 @@ class Settings:
     def jwt_audience(self) -> str:
         return self.oidc_audience or self.auth0_audience
 
+    @property
+    def database_name(self) -> str:
+        """The database as a message names it: the SQLite file, or the variable and the URL
+        without its password."""
+        if self.database_url is None:
+            return str(self.db_path)
+        return f"COORDINATOR_DATABASE_URL ({redact_url(self.database_url)})"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         for one, other in (("COORDINATOR_API_TOKEN", "COORDINATOR_API_TOKEN_FILE"),
-                           ("COORDINATOR_DATABASE_URL", "COORDINATOR_DATABASE_URL_FILE")):
+                           ("COORDINATOR_DATABASE_URL", "COORDINATOR_DATABASE_URL_FILE"),
+                           ("APPROVAL_RULES", "APPROVAL_RULES_FILE")):
             if one in env and other in env:
                 raise SettingsError(f"{one} and {other} are both set: use one")
         values: dict[str, object] = {}
@@ -240,14 +278,6 @@ class Settings:
         if settings.database_url is not None:
             _check_postgres_settings(settings)
         return settings
-
-    @property
-    def database_name(self) -> str:
-        """The database as a message names it: the SQLite file, or the variable and the URL
-        without its password."""
-        if self.database_url is None:
-            return str(self.db_path)
-        return f"COORDINATOR_DATABASE_URL ({redact_url(self.database_url)})"
 
 
 def _check_jwt_settings(settings: Settings) -> None:
@@ -317,4 +347,8 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("COORDINATOR_DATABASE_URL_FILE", "database_url", _database_url_file),
     ("DATABASE_MAX_MB", "database_max_mb", _non_negative_float),
     ("RUN_STOP_TIMEOUT", "run_stop_timeout", _positive_float),
+    ("APPROVAL_RULES", "approval_rules", _approval_rules),
+    ("APPROVAL_RULES_FILE", "approval_rules", _approval_rules_file),
+    ("APPROVAL_TIMEOUT", "approval_timeout", _positive_float),
+    ("APPROVAL_TIMEOUT_DECISION", "approval_timeout_decision", _approval_decision),
 ]

@@ -26,12 +26,12 @@ CLOSE_TRY_AGAIN = 1013
 CLOSE_POLICY = 1008
 
 
-async def _init_message(request, subscriber: Subscriber, since: int | None) -> Message:
+async def _init_message(request, subscriber: Subscriber) -> Message:
     """All sessions (newest first), or only the filtered one. Its cursor is where the stream
-    goes on from: the resume cursor, else the newest change when the subscriber went live, so
-    it is never above the next message's."""
+    goes on from (the resume cursor, else the newest change when the subscriber joined), so it
+    is never above the next message's."""
     broadcaster = request.app.state.broadcaster
-    cursor = subscriber.cursor if since is None else since
+    cursor = subscriber.cursor
     if subscriber.session_id is None:
         found = await request.app.state.db.read_cached(cache.SESSIONS, sessions.list_sessions_json)
         return broadcaster.init_message(found, cursor)
@@ -40,12 +40,12 @@ async def _init_message(request, subscriber: Subscriber, since: int | None) -> M
 
 
 async def _messages(
-    request, subscriber: Subscriber, init: bool, since: int | None, idle: float | None = None
+    request, subscriber: Subscriber, init: bool, idle: float | None = None
 ) -> AsyncIterator[Message | None]:
     """What one subscriber receives: `init`, then every change after its cursor (None after
     each `idle` seconds without one)."""
     if init:
-        yield await _init_message(request, subscriber, since)
+        yield await _init_message(request, subscriber)
     async for message in request.app.state.broadcaster.follow(subscriber, idle):
         yield message
 
@@ -77,12 +77,18 @@ async def ws_endpoint(websocket: WebSocket):
             stop = tasks.cancel_scope.cancel
             tasks.start_soon(_ignore_client_frames, websocket, stop)
             tasks.start_soon(_call_when_ended, subscriber, stop)
-            await _send_frames(websocket, _messages(websocket, subscriber, True, since), since is not None)
+            await _send_frames(websocket, _messages(websocket, subscriber, True), since is not None)
             stop()
-    if subscriber.ended:
-        code, reason = _CLOSE[subscriber.ended]
-        with anyio.move_on_after(CLOSE_TIMEOUT):
-            await websocket.close(code, reason)
+        if subscriber.ended == "shutdown":  # while still subscribed: the shutdown waits for it
+            await _goodbye(websocket, subscriber.ended)
+    if subscriber.ended == "dropped":  # no longer counted among the subscribers
+        await _goodbye(websocket, subscriber.ended)
+
+
+async def _goodbye(websocket: WebSocket, why: str) -> None:
+    code, reason = _CLOSE[why]
+    with anyio.move_on_after(CLOSE_TIMEOUT):
+        await websocket.close(code, reason)
 
 
 _CLOSE = {
@@ -133,7 +139,7 @@ async def sse_sessions(request: Request):
         # Subscribing here, not in the handler, means a response that never starts leaks nothing.
         try:
             with broadcaster.subscribe(session_id, since) as subscriber:
-                async for message in _messages(request, subscriber, init, since, heartbeat):
+                async for message in _messages(request, subscriber, init, heartbeat):
                     yield b": heartbeat\n\n" if message is None else message.sse_frame
         except (Ended, TooManySubscribers):
             log.info("SSE subscriber ended early; it may resume with Last-Event-ID")

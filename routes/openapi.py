@@ -23,8 +23,8 @@ from starlette.routing import Route
 from routes.common import json_response
 from store.agents import Agent, CreateAgent, StatusUpdate, UpdateAgent
 from store.models import (
-    BindSession, CreateRun, CreateSession, Event, EventRow, RegisterRunner, Run, Runner, RunFailed,
-    RunnerReport, Session, SessionMetadata,
+    Approval, BindSession, ClaudeCodeHook, CreateRun, CreateSession, Decide, Event, EventRow, RegisterRunner,
+    RequestApproval, Run, Runner, RunFailed, RunnerReport, Session, SessionMetadata,
 )
 
 REF = "#/components/schemas/{name}"
@@ -137,6 +137,44 @@ class DeregisteredReply(_Reply):
     initiated_by: Literal["self", "external"]
 
 
+class ApprovalsReply(_Reply):
+    approvals: list[Approval]
+
+
+class ApprovalReply(_Reply):
+    approval: Approval
+
+
+# What a Claude Code hook reads back (its hooks reference): no decision, or one in the format of
+# the hook that asked.
+class NoDecision(_Reply):
+    """`{}`: Claude Code goes on as without the hook."""
+
+
+class PreToolUseDecision(_Reply):
+    hookEventName: Literal["PreToolUse"]
+    permissionDecision: Literal["allow", "deny", "ask"]
+    permissionDecisionReason: str
+
+
+class PreToolUseReply(_Reply):
+    hookSpecificOutput: PreToolUseDecision
+
+
+class PermissionBehavior(_Reply):
+    behavior: Literal["allow", "deny"]
+    message: str | UnsetType = UNSET
+
+
+class PermissionRequestDecision(_Reply):
+    hookEventName: Literal["PermissionRequest"]
+    decision: PermissionBehavior
+
+
+class PermissionRequestReply(_Reply):
+    hookSpecificOutput: PermissionRequestDecision
+
+
 class Problem(_Reply):
     type: str
     loc: list[str | int]
@@ -177,6 +215,7 @@ class Op:
 Limit = Annotated[int, msgspec.Meta(ge=1)]
 PageLimit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 After = Annotated[int, msgspec.Meta(ge=0)]
+WaitSeconds = Annotated[int, msgspec.Meta(ge=0, le=3600)]
 PAGING = {
     "after": Query(After, "only events with a greater id, ascending by id"),
     "limit": Query(PageLimit, "at most this many events"),
@@ -205,6 +244,8 @@ NO_SESSION = {404: "no such session"}
 RUNNER = {401: "the runner is not registered", 404: "no such run"}
 
 LINKED_OUT = "the blueprint links outside the agents directory (SECURITY.md)"
+NO_APPROVAL = {404: "no such approval"}
+HOOK_ANSWERS = (NoDecision, PreToolUseReply, PermissionRequestReply)
 
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/health"): Op("Liveness", {200: HealthReply}),
@@ -308,6 +349,33 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("DELETE", "/runners/{runner_id}"): Op(
         "Deregister a runner", {200: DeregisteredReply}, errors={404: "no such runner", 422: "`self` is not a boolean"},
         query={"self": Query(bool, "the runner itself is leaving (default false)")},
+    ),
+    # Claude Code hooks and approvals
+    ("POST", "/hooks/claude-code"): Op(
+        "A Claude Code HTTP hook, any event: stored as an event of its session; the answer is no decision,"
+        " or, for a tool call an approval rule holds, the decision once made",
+        {200: HOOK_ANSWERS}, ClaudeCodeHook,
+    ),
+    ("GET", "/approvals"): Op(
+        "List approvals, newest first", {200: ApprovalsReply}, errors={422: "`limit` is not a positive integer"},
+        query={
+            "status": Query(str, "only this status: pending, decided or expired"),
+            "session_id": Query(str, "only this session's"),
+            "limit": Query(Limit, "the first N"),
+        },
+    ),
+    ("POST", "/approvals"): Op(
+        "Ask a person whether a tool call may run", {200: ApprovalReply}, RequestApproval, NO_SESSION
+    ),
+    ("GET", "/approvals/{approval_id}"): Op("An approval", {200: ApprovalReply}, errors=NO_APPROVAL),
+    ("POST", "/approvals/{approval_id}"): Op(
+        "Decide an approval: its held hook request is answered at once", {200: ApprovalReply}, Decide,
+        NO_APPROVAL | {409: "it was decided or expired before"},
+    ),
+    ("GET", "/approvals/{approval_id}/wait"): Op(
+        "Long-poll for the decision: the approval once decided, or as it is when the wait ends",
+        {200: ApprovalReply}, errors=NO_APPROVAL | {422: "`timeout` out of range"},
+        query={"timeout": Query(WaitSeconds, "seconds to wait at most (default RUNNER_POLL_TIMEOUT)")},
     ),
     # agents
     ("GET", "/agents"): Op("List agent blueprints", {200: list[Agent]}, query={"tags": Query(str, "all of these, comma-separated")}),

@@ -9,6 +9,7 @@ from starlette.routing import Route
 
 from routes.common import json_response, query_int, read_body
 from routes.errors import ValidationFailed
+from routes.open_events import EventDecoder
 from store import cache, events, sessions
 from store.errors import NotFound
 from store.models import BindSession, CreateSession, Event, Session, SessionMetadata
@@ -16,7 +17,7 @@ from store.models import BindSession, CreateSession, Event, Session, SessionMeta
 _create = msgspec.json.Decoder(CreateSession)
 _bind = msgspec.json.Decoder(BindSession)
 _metadata = msgspec.json.Decoder(SessionMetadata)
-_event = msgspec.json.Decoder(Event)
+_event = EventDecoder()
 
 MAX_PAGE = 1000
 
@@ -106,20 +107,20 @@ async def post_event(request: Request):
     session_id = request.path_params["session_id"]
     db = request.app.state.db
     try:
-        event = await read_body(request, _event)
+        event, extra = await read_body(request, _event)
     except ValidationFailed:
         # An unknown session is reported before a malformed body.
         await db.read(sessions.require_session, session_id)
         raise
-    _, finished = await db.write(events.append_event, session_id, event)
+    _, finished = await db.write(events.append_event, session_id, event, extra)
     if finished is not None:
         await request.app.state.dispatcher.session_stopped(session_id)  # callbacks to parents
     return json_response({"ok": True})
 
 
 async def post_legacy_event(request: Request):
-    event = await read_body(request, _event)
-    await request.app.state.db.write(events.append_legacy_event, event)
+    event, extra = await read_body(request, _event)
+    await request.app.state.db.write(events.append_legacy_event, event, extra)
     return json_response({"ok": True})
 
 

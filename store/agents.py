@@ -11,6 +11,8 @@ links) outside it is neither served nor changed; links that stay inside are foll
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ import shutil
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence, TypeVar
+from typing import Annotated, Any, Iterator, Literal, Sequence, TypeVar
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -265,6 +267,21 @@ def list_agents(agents_dir: Path, tags: Sequence[str] = ()) -> list[Agent]:
 # -- writing ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _writing(agents_dir: Path) -> Iterator[None]:
+    """Writes one at a time: among this process's threads (the lock), and among every process
+    sharing the agents dir, as several coordinators on one volume do (`flock` on the directory
+    itself, released by the kernel if the holder dies)."""
+    with _lock:
+        agents_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(agents_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # and with it the lock
+
+
 def _temp_path(path: Path) -> Path:
     # Hidden and next to `path`, so that the final rename stays within one directory.
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
@@ -282,8 +299,18 @@ def _temp_of(filename: str) -> str | None:
 def remove_leftovers(agents_dir: Path) -> None:
     """Remove what writes cut short by a crash left behind, all named by `_temp_path`: staging
     and trash directories (or a trashed link) in the agents dir, temp files in the blueprint
-    directories. Nothing else is touched, and no link is followed. Call it at start-up, before
-    any write."""
+    directories. Nothing else is touched, and no link is followed. Call it at start-up: it
+    waits for writes under way (another coordinator's on a shared agents dir) to finish."""
+    if not agents_dir.is_dir():
+        return  # no agents dir, no leftovers
+    try:
+        with _writing(agents_dir):
+            _remove_leftovers(agents_dir)
+    except OSError as exc:  # the agents routes will fail on it as well; serving need not wait
+        log.warning("Could not clean the agents dir %s: %s", agents_dir, exc)
+
+
+def _remove_leftovers(agents_dir: Path) -> None:
     try:
         entries = list(os.scandir(agents_dir))
         leftovers = [e for e in entries if (name := _temp_of(e.name)) and name_problem(name) is None]
@@ -297,9 +324,7 @@ def remove_leftovers(agents_dir: Path) -> None:
             else:
                 os.unlink(leftover.path)
     except (FileNotFoundError, NotADirectoryError):
-        pass  # no agents dir, no leftovers
-    except OSError as exc:  # the agents routes will fail on it as well; serving need not wait
-        log.warning("Could not clean the agents dir %s: %s", agents_dir, exc)
+        pass  # gone meanwhile
 
 
 def _fsync_dir(path: Path) -> None:
@@ -367,10 +392,9 @@ def create_agent(agents_dir: Path, body: CreateAgent) -> Agent:
         raise Rejected(problem)
     target = agents_dir / body.name
     exists = Conflict(f"Agent already exists: {body.name}")
-    with _lock:
+    with _writing(agents_dir):
         if os.path.lexists(target):
             raise exists
-        agents_dir.mkdir(parents=True, exist_ok=True)
         staging = _temp_path(target)
         staging.mkdir()
         try:
@@ -387,7 +411,7 @@ def create_agent(agents_dir: Path, body: CreateAgent) -> Agent:
 
 def update_agent(agents_dir: Path, name: str, body: UpdateAgent) -> Agent:
     """Apply a PATCH (see README, "Agents API") to a readable blueprint; unknown keys in agent.json are kept."""
-    with _lock:
+    with _writing(agents_dir):
         require_agent(agents_dir, name)
         agent_dir = agents_dir / name
         data = msgspec.json.decode((agent_dir / AGENT_FILE).read_bytes())
@@ -420,7 +444,7 @@ def delete_agent(agents_dir: Path, name: str) -> None:
     It is renamed to a hidden name first, so a crash mid-removal never leaves half an agent.
     """
     agent_dir = _dir_of(agents_dir, name)
-    with _lock:
+    with _writing(agents_dir):
         if agent_dir is None or not agent_dir.is_dir():
             raise _not_found(name)
         trash = _temp_path(agent_dir)
@@ -434,7 +458,7 @@ def delete_agent(agents_dir: Path, name: str) -> None:
 
 def set_status(agents_dir: Path, name: str, status: Status) -> Agent:
     """`inactive` creates the `.disabled` marker, `active` removes it."""
-    with _lock:
+    with _writing(agents_dir):
         require_agent(agents_dir, name)
         marker = agents_dir / name / DISABLED_FILE
         if status == "inactive":

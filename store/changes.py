@@ -111,13 +111,23 @@ def raw_json_columns(row) -> tuple:
     return (*row[:a], _raw(row[a]), _raw(row[b]), *row[b + 1 : c], _raw(row[c]))
 
 
-def stored_event_json(fields) -> bytes:
+def with_extra(encoded: bytes, extra: str | bytes | None) -> bytes:
+    """An encoded event object with the keys its client sent beyond the known ones (`extra`,
+    one JSON object) appended after them; unchanged when there were none."""
+    if extra is None:
+        return encoded
+    if isinstance(extra, str):
+        extra = extra.encode()
+    return encoded[:-1] + b"," + extra[1:]
+
+
+def stored_event_json(fields, extra: str | None = None) -> bytes:
     """A stored event as broadcast: the received keys, no `id`."""
-    return _encode(StoredEvent(*raw_json_columns(fields)))
+    return with_extra(_encode(StoredEvent(*raw_json_columns(fields))), extra)
 
 
 _PAGE = (
-    f"SELECT c.id, c.type, c.session_id, c.payload, {_EVENT_FIELDS} FROM changes c"
+    f"SELECT c.id, c.type, c.session_id, c.payload, {_EVENT_FIELDS}, e.extra FROM changes c"
     " LEFT JOIN events e ON c.type = 'event' AND e.id = c.id WHERE {where} ORDER BY c.id"
 )
 
@@ -136,8 +146,8 @@ def page(conn: Connection, after: int, upto: int, session_id: str | None, max_by
     found: list[Change] = []
     size = 0
     complete = True
-    for cursor, type_, sid, payload, *event in conn.execute(_PAGE.format(where=where), params):
-        data = b'{"data":%s}' % stored_event_json(event) if type_ == "event" else payload.encode()
+    for cursor, type_, sid, payload, *event, extra in conn.execute(_PAGE.format(where=where), params):
+        data = b'{"data":%s}' % stored_event_json(event, extra) if type_ == "event" else payload.encode()
         size += len(data)
         if found and size > max_bytes:
             complete = False

@@ -12,13 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from store import changes, postgres, sqlite
-from store.models import EVENT_COLUMNS, RUN_COLUMNS, SESSION_COLUMNS
+from store.models import APPROVAL_COLUMNS, EVENT_COLUMNS, RUN_COLUMNS, SESSION_COLUMNS
 
 # Every table and the columns copied. Runners and stop commands are ordered by SQLite's implicit
 # `rowid`, which becomes the column of that name.
 TABLES = {
     "sessions": SESSION_COLUMNS,
-    "events": EVENT_COLUMNS,
+    "events": f"{EVENT_COLUMNS}, extra",
     "runs": RUN_COLUMNS,
     "runners": "rowid, runner_id, registered_at, last_heartbeat, hostname, project_dir, executor_type, tags,"
                " status, deregistering",
@@ -26,6 +26,7 @@ TABLES = {
     "callbacks": "id, parent_session_id, child_session_id, failed, text",
     "callbacks_in_flight": "session_id",
     "changes": "id, type, session_id, payload",
+    "approvals": APPROVAL_COLUMNS,
 }
 
 # Where each sequence goes on: past every id used, deleted rows included (SQLite's AUTOINCREMENT

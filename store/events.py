@@ -1,12 +1,14 @@
 """Event verbs. JSON fields are stored as JSON text exactly as sent (falsy values included)
-and spliced into answers as they are (msgspec.Raw), so reads never decode and re-encode them."""
+and spliced into answers as they are (msgspec.Raw), so reads never decode and re-encode them.
+The keys a client sent beyond the known ones (`extra`, one JSON object, or None) are stored
+the same way and appended after the known keys wherever the event is given back."""
 
 from __future__ import annotations
 
 import msgspec
 
 from store.backend import Connection
-from store.changes import raw_json_columns, record_event, record_session
+from store.changes import raw_json_columns, record_event, record_session, with_extra
 from store.errors import NotFound, Rejected
 from store.models import EVENT_COLUMNS, Event, EventRow, Session
 from store.sessions import SESSION_NOT_FOUND, get_session, update_session
@@ -15,16 +17,18 @@ _encode = msgspec.json.encode
 
 _INSERT = (
     "INSERT INTO events (id, session_id, event_type, timestamp, tool_name, tool_input, tool_output,"
-    " error, exit_code, reason, role, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " error, exit_code, reason, role, content, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 def _json_or_null(value) -> str | None:
     return None if value is None else _encode(value).decode()
 
 
-def _insert(conn: Connection, event: Event) -> int:
-    """Store the event under its change-log cursor; the live message carries it as received."""
-    event_id = record_event(conn, event.session_id, {"data": event})
+def insert_event(conn: Connection, event: Event, extra: str | None = None) -> int:
+    """Store the event under its change-log cursor; the live message carries it as received
+    (encoded only if someone subscribes, unless it has extra keys to append)."""
+    message = {"data": event} if extra is None else b'{"data":%s}' % with_extra(_encode(event), extra)
+    event_id = record_event(conn, event.session_id, message)
     conn.execute(
         _INSERT,
         (
@@ -40,12 +44,15 @@ def _insert(conn: Connection, event: Event) -> int:
             event.reason,
             event.role,
             _json_or_null(event.content),
+            extra,
         ),
     )
     return event_id
 
 
-def append_event(conn: Connection, session_id: str, event: Event) -> tuple[int, Session | None]:
+def append_event(
+    conn: Connection, session_id: str, event: Event, extra: str | None = None
+) -> tuple[int, Session | None]:
     """Store an event of an existing session. A `session_stop` finishes the session (announced
     before the event): then the updated session is returned with the new event id (else None)."""
     if get_session(conn, session_id) is None:
@@ -55,10 +62,10 @@ def append_event(conn: Connection, session_id: str, event: Event) -> tuple[int, 
     finished = None
     if event.event_type == "session_stop":
         finished = record_session(conn, "session_updated", update_session(conn, session_id, status="finished"))
-    return _insert(conn, event), finished
+    return insert_event(conn, event, extra), finished
 
 
-def append_legacy_event(conn: Connection, event: Event) -> int:
+def append_legacy_event(conn: Connection, event: Event, extra: str | None = None) -> int:
     """The legacy route: `session_start` creates or revives the session as `running`,
     `session_stop` finishes it; any other event needs an existing session."""
     if event.event_type == "session_start":
@@ -71,12 +78,13 @@ def append_legacy_event(conn: Connection, event: Event) -> int:
         raise NotFound(SESSION_NOT_FOUND)
     elif event.event_type == "session_stop":
         update_session(conn, event.session_id, status="finished")
-    return _insert(conn, event)
+    return insert_event(conn, event, extra)
 
 
 def _events_document(rows) -> bytes:
-    """The answer of the event list routes: `{"events": [...]}`."""
-    return _encode({"events": [EventRow(*raw_json_columns(row)) for row in rows]})
+    """The answer of the event list routes: `{"events": [...]}` (rows: EVENT_COLUMNS, extra)."""
+    events = [with_extra(_encode(EventRow(*raw_json_columns(row[:-1]))), row[-1]) for row in rows]
+    return b'{"events":[%s]}' % b",".join(events)
 
 
 def session_events_json(conn: Connection, session_id: str) -> bytes | None:
@@ -84,7 +92,7 @@ def session_events_json(conn: Connection, session_id: str) -> bytes | None:
     unknown session."""
     if get_session(conn, session_id) is None:
         return None
-    sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? ORDER BY timestamp, id"
+    sql = f"SELECT {EVENT_COLUMNS}, extra FROM events WHERE session_id = ? ORDER BY timestamp, id"
     return _events_document(conn.execute(sql, (session_id,)))
 
 
@@ -95,7 +103,7 @@ def events_page_json(
     `{"events": [...]}`. NotFound for an unknown session if `require_session`."""
     if require_session and get_session(conn, session_id) is None:
         raise NotFound(SESSION_NOT_FOUND)
-    sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE session_id = ? AND id > ? ORDER BY id"
+    sql = f"SELECT {EVENT_COLUMNS}, extra FROM events WHERE session_id = ? AND id > ? ORDER BY id"
     params: tuple = (session_id, after or 0)
     if limit is not None:
         sql, params = sql + " LIMIT ?", (*params, limit)

@@ -6,7 +6,7 @@ key (null when unset) unless a Struct says `omit_defaults`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 import msgspec
 
@@ -67,6 +67,19 @@ class EventRow(msgspec.Struct):
 
 
 EVENT_COLUMNS = ", ".join(EventRow.__struct_fields__)
+# The keys an event has of its own; a client's other keys are its extra keys (`id` included:
+# it is the stored event's own key in the answers).
+EVENT_KEYS = frozenset(EventRow.__struct_fields__)
+
+
+def extra_json(fields: dict[str, msgspec.Raw], skip: Iterable[str] = ()) -> str | None:
+    """The keys of `fields` (a JSON object's keys with their values undecoded) beyond the event's
+    own (and `skip`) as one JSON object, in the order sent, values byte for byte; None when there
+    are none. A value that is not UTF-8 raises UnicodeDecodeError."""
+    if fields.keys() <= EVENT_KEYS:
+        return None
+    extra = {key: value for key, value in fields.items() if key not in EVENT_KEYS and key not in skip}
+    return msgspec.json.encode(extra).decode() if extra else None
 
 
 class StoredEvent(msgspec.Struct):
@@ -184,3 +197,79 @@ class RunnerReport(msgspec.Struct):
 
 class RunFailed(RunnerReport):
     error: str
+
+
+# -- Claude Code hooks and approvals --------------------------------------------------------
+
+
+class ClaudeCodeHook(msgspec.Struct):
+    """What a Claude Code HTTP hook posts: the fields the coordinator reads. Every other key, of
+    any hook event, is kept verbatim with the event (`extra`)."""
+
+    session_id: str
+    hook_event_name: str
+    cwd: str | None = None
+    transcript_path: str | None = None
+    permission_mode: str | None = None
+    tool_name: str | None = None
+    tool_input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    prompt: str | None = None
+    last_assistant_message: str | None = None
+    error: str | None = None
+    reason: str | None = None
+    agent_id: str | None = None
+    agent_type: str | None = None
+
+
+ApprovalDecision = Literal["allow", "deny"]
+
+
+class Approval(msgspec.Struct):
+    """A tool call waiting for, or decided by, a person. `status`: pending, decided, expired
+    (nobody can be answered any more); `decided_by` is who decided, or `timeout`."""
+
+    approval_id: str
+    session_id: str
+    source: str  # "claude_code" (a held hook request) or "api"
+    hook_event_name: str | None
+    tool_name: str
+    tool_input: msgspec.Raw | None
+    tool_use_id: str | None
+    agent_id: str | None
+    agent_type: str | None
+    requested_at: str
+    expires_at: str
+    status: str
+    decision: str | None
+    reason: str | None
+    decided_by: str | None
+    decided_at: str | None
+
+
+APPROVAL_COLUMNS = ", ".join(Approval.__struct_fields__)
+
+
+class RequestApproval(msgspec.Struct):
+    """POST /approvals: any client asks a person whether a tool call may run."""
+
+    session_id: str
+    tool_name: str
+    tool_input: dict[str, Any] | None = None
+    tool_use_id: str | None = None
+    agent_id: str | None = None
+    agent_type: str | None = None
+
+
+class Decide(msgspec.Struct):
+    decision: ApprovalDecision
+    reason: str | None = None
+
+
+class ApprovalRule(msgspec.Struct, forbid_unknown_fields=True):
+    """Which hook tool calls wait for a person: glob patterns (fnmatch) on the tool name and,
+    when given, on the agent and the project dir."""
+
+    tool: str
+    agent: str | None = None
+    project_dir: str | None = None

@@ -261,6 +261,31 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER changes_inserted AFTER INSERT ON changes
         FOR EACH STATEMENT EXECUTE FUNCTION changes_inserted();
     """,
+    # Open events: the keys a client sent beyond the known ones, as one JSON object (NULL: none).
+    # Approvals: tool calls held for a person's decision, kept as their audit trail.
+    """
+    ALTER TABLE events ADD COLUMN extra TEXT;
+    CREATE TABLE approvals (
+        approval_id TEXT COLLATE "C" PRIMARY KEY,
+        session_id TEXT COLLATE "C" NOT NULL,
+        source TEXT COLLATE "C" NOT NULL,
+        hook_event_name TEXT COLLATE "C",
+        tool_name TEXT COLLATE "C" NOT NULL,
+        tool_input TEXT,
+        tool_use_id TEXT COLLATE "C",
+        agent_id TEXT COLLATE "C",
+        agent_type TEXT COLLATE "C",
+        requested_at TEXT COLLATE "C" NOT NULL,
+        expires_at TEXT COLLATE "C" NOT NULL,
+        status TEXT COLLATE "C" NOT NULL,
+        decision TEXT COLLATE "C",
+        reason TEXT COLLATE "C",
+        decided_by TEXT COLLATE "C",
+        decided_at TEXT COLLATE "C"
+    );
+    CREATE INDEX idx_approvals_status ON approvals(status, expires_at);
+    CREATE INDEX idx_approvals_requested ON approvals(requested_at);
+    """,
 ]
 
 

@@ -196,6 +196,31 @@ MIGRATIONS: list[str] = [
         UPDATE meta SET value = max(value, OLD.id) WHERE key = 'max_deleted_change';
     END;
     """,
+    # Open events: the keys a client sent beyond the known ones, as one JSON object (NULL: none).
+    # Approvals: tool calls held for a person's decision, kept as their audit trail.
+    """
+    ALTER TABLE events ADD COLUMN extra TEXT;
+    CREATE TABLE approvals (
+        approval_id TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        source TEXT NOT NULL,
+        hook_event_name TEXT,
+        tool_name TEXT NOT NULL,
+        tool_input TEXT,
+        tool_use_id TEXT,
+        agent_id TEXT,
+        agent_type TEXT,
+        requested_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        status TEXT NOT NULL,
+        decision TEXT,
+        reason TEXT,
+        decided_by TEXT,
+        decided_at TEXT
+    );
+    CREATE INDEX idx_approvals_status ON approvals(status, expires_at);
+    CREATE INDEX idx_approvals_requested ON approvals(requested_at);
+    """,
 ]
 
 

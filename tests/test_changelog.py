@@ -4,13 +4,18 @@ however often it drops and resumes; memory per subscriber is bounded in bytes.""
 
 import json
 import random
+import signal
 import threading
 import time
 
+import apsw
 import pytest
 import requests
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from server_process import ServerProcess
+from store.sqlite import MIGRATIONS
 from test_live import StalledClient, recv, sse_frames, wait_until
 from test_sessions import create, event
 
@@ -218,6 +223,7 @@ def test_replay_follows_the_session_filter(server):
 
 
 BUDGET = 256 * 1024
+LAST_WITHOUT_LOG = 6  # the schema version before the change log
 
 
 def test_a_stalled_subscriber_is_dropped_at_its_byte_budget(make_server):
@@ -289,3 +295,49 @@ def test_changes_before_a_restart_replay_after_it(make_server, kind):
             frames = sse_frames(r)
             got = [next(frames) for _ in range(3)]
         assert [(int(f["id"]), f["event"]) for f in got] == expected
+
+
+def test_sigterm_ends_every_live_stream_at_once(tmp_path):
+    with ServerProcess(tmp_path / "project") as server:
+        assert server.post("/sessions", json={"session_id": "s"}).status_code == 200
+        with connect(f"ws://127.0.0.1:{server.port}/ws?since=0") as ws, \
+                requests.get(server.url + "/sse/sessions", stream=True, timeout=10) as sse:
+            frames = sse_frames(sse)
+            assert next(frames)["event"] == "init"
+            assert [recv(ws)["type"] for _ in range(2)] == ["init", "session_created"]
+            signalled = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+            assert closed.value.rcvd.code == 1001 and "since" in closed.value.rcvd.reason
+            assert list(frames) == []  # the stream simply ends
+        assert server.proc.wait(timeout=10) in (0, -signal.SIGTERM)
+        assert time.monotonic() - signalled < 5  # a bound: the graceful shutdown would wait 10 s
+        assert "Traceback" not in server.log()
+
+
+@pytest.mark.sqlite_only
+def test_cursors_of_the_release_before_the_log_still_resume(make_server, project_dir):
+    """A database from before the change log: its event ids were the cursors clients kept."""
+    path = project_dir / ".agent-orchestrator" / "observability.db"
+    path.parent.mkdir(parents=True)
+    conn = apsw.Connection(str(path))
+    for number, script in enumerate(MIGRATIONS[:LAST_WITHOUT_LOG], start=1):
+        conn.execute(script)
+        conn.execute(f"PRAGMA user_version={number}")
+    conn.execute("INSERT INTO sessions (session_id, status, created_at) VALUES ('old', 'running', 't')")
+    for i in range(5):
+        conn.execute("INSERT INTO events (session_id, event_type, timestamp) VALUES ('old', ?, 't')", (f"e{i}",))
+    conn.execute("DELETE FROM events WHERE event_type = 'e4'")  # the newest id was handed out, then deleted
+    conn.close()
+
+    srv = make_server()
+    kept = [e["id"] for e in srv.get("/sessions/old/events").json()["events"]]
+    assert kept == [1, 2, 3, 4]
+    srv.post("/sessions/old/events", event("old", reason="new"))
+    with connect(srv.ws_url + "/ws?since=2") as ws:  # a cursor kept from the old release
+        recv(ws)
+        gap, *frames = [recv(ws) for _ in range(4)]
+    assert gap["type"] == "replay_gap"  # event 5 was deleted: it cannot be replayed
+    assert [(f["cursor"], f["data"]["event_type"]) for f in frames] == [(3, "e2"), (4, "e3"), (6, "post_tool")]
+    assert frames[-1]["data"]["reason"] == "new"  # new cursors go on after every old event id

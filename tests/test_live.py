@@ -73,12 +73,13 @@ def test_ws_every_broadcast_type_with_exact_shape(server):
         patched = server.patch("/sessions/s/metadata", {}).json()["session"]
         assert recv(ws) == {"type": "session_updated", "session": patched}
 
-        sent = event("s", tool_input={}, tool_output=0, unknown="ignored")
+        sent = event("s", tool_input={}, tool_output=0, unknown="kept", id="dropped")
         server.post("/sessions/s/events", sent)
         frame = recv(ws)
-        assert list(frame) == ["type", "data"] and list(frame["data"]) == EVENT_DATA_KEYS
+        # Keys beyond the known ones follow them; `id` (the stored event's own) is never taken.
+        assert list(frame) == ["type", "data"] and list(frame["data"]) == [*EVENT_DATA_KEYS, "unknown"]
         assert frame["data"]["tool_input"] == {} and frame["data"]["tool_output"] == 0
-        assert "unknown" not in frame["data"] and "id" not in frame["data"]
+        assert frame["data"]["unknown"] == "kept" and "id" not in frame["data"]
 
         server.post("/events", event("s", "message", role="user"))
         assert recv(ws)["data"]["role"] == "user"

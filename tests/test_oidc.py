@@ -465,3 +465,18 @@ def test_process_checks_jwts_and_keeps_them_out_of_its_log(tmp_path, issuer):
     assert f"fetched the signing keys of {issuer.url}: k1" in log
     assert "authentication is off" not in log
     assert token not in log and token.split(".")[2] not in log
+
+
+def test_approval_decided_with_a_jwt_names_its_subject(start, issuer):
+    server = start(api_token="static-approver-1")
+    jwt_headers = bearer(issuer.token(sub="alice@example.com"))
+    static = bearer("static-approver-1")
+    assert server.post("/sessions", {"session_id": "s1"}, headers=static).status_code == 200
+    decided_by = []
+    for headers in (jwt_headers, static):
+        r = server.post("/approvals", {"session_id": "s1", "tool_name": "Deploy"}, headers=headers)
+        approval_id = r.json()["approval"]["approval_id"]
+        r = server.post(f"/approvals/{approval_id}", {"decision": "allow"}, headers=headers)
+        assert r.status_code == 200
+        decided_by.append(r.json()["approval"]["decided_by"])
+    assert decided_by == ["alice@example.com", "api"]

@@ -2,15 +2,18 @@
 server, for every operation, validate against the schemas of their status: for requests
 written out here, and for requests the document itself describes."""
 
+import concurrent.futures
 import itertools
 import json
 import re
+import time
 
 import pytest
 import requests
 from jsonschema import Draft202012Validator
 from starlette.routing import Route, WebSocketRoute
 
+from store.models import ApprovalRule
 from test_live import sse_frames
 from test_sessions import assistant, event
 
@@ -84,7 +87,7 @@ class Checker:
 
 
 def test_real_answers_validate(make_server):
-    srv = make_server(runner_poll_timeout=0.2, sse_heartbeat_interval=0.2)
+    srv = make_server(runner_poll_timeout=0.2, sse_heartbeat_interval=0.2, approval_rules=(ApprovalRule("Danger"),))
     doc = srv.get("/openapi.json").json()
     check = Checker(srv, doc)
 
@@ -157,6 +160,31 @@ def test_real_answers_validate(make_server):
     check("PATCH", "/agents/{name}/status", "/agents/helper/status", json={"status": "inactive"})
     check("DELETE", "/agents/{name}", "/agents/helper", expect=204)
     check("GET", "/agents/{name}", "/agents/helper", expect=404)
+
+    # Claude Code hooks and approvals
+    hook = {"session_id": "cc1", "hook_event_name": "SessionStart", "cwd": "/p"}
+    check("POST", "/hooks/claude-code", json=hook)
+    check("POST", "/hooks/claude-code", json={"hook_event_name": "Stop"}, expect=422)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        held = [
+            pool.submit(check, "POST", "/hooks/claude-code", json=hook | {"hook_event_name": name, "tool_name": "Danger"})
+            for name in ("PreToolUse", "PermissionRequest")
+        ]
+        while len(found := requests.get(srv.url + "/approvals?status=pending", timeout=10).json()["approvals"]) < 2:
+            time.sleep(0.02)
+        check("GET", "/approvals", "/approvals?status=pending")
+        check("GET", "/approvals", "/approvals?limit=0", expect=422)
+        for approval in found:
+            path = f"/approvals/{approval['approval_id']}"
+            check("GET", "/approvals/{approval_id}", path)
+            check("GET", "/approvals/{approval_id}/wait", path + "/wait?timeout=0")
+            check("POST", "/approvals/{approval_id}", path, json={"decision": "deny", "reason": "no"})
+            check("POST", "/approvals/{approval_id}", path, json={"decision": "allow"}, expect=409)
+        assert {r.result().json()["hookSpecificOutput"]["hookEventName"] for r in held} == {"PreToolUse", "PermissionRequest"}
+    check("GET", "/approvals/{approval_id}", "/approvals/nope", expect=404)
+    check("GET", "/approvals/{approval_id}/wait", "/approvals/nope/wait?timeout=3601", expect=422)
+    check("POST", "/approvals", json={"session_id": "cc1", "tool_name": "Deploy", "tool_input": {"env": "prod"}})
+    check("POST", "/approvals", json={"session_id": "nope", "tool_name": "Deploy"}, expect=404)
 
     # live updates; the WebSocket upgrade is covered by test_live
     check("GET", "/sse/sessions")

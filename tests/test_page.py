@@ -1,6 +1,7 @@
 """The live page at `/`, driven in a real headless Chromium over the DevTools protocol: stored
 events, live events and sessions, and a resume after the WebSocket drops."""
 
+import concurrent.futures
 import itertools
 import json
 import shutil
@@ -12,6 +13,7 @@ import pytest
 import requests
 from websockets.sync.client import connect
 
+from store.models import ApprovalRule
 from test_sessions import assistant, create, event
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -145,4 +147,76 @@ def test_page_under_a_token_passes_it_on(make_server, browser):
     srv.post("/sessions/ses_guarded/events", event("ses_guarded", tool_input={"command": "guarded live"}),
              headers=bearer)
     wait_until(lambda: "guarded live" in browser.text(), "live event shown")
+    assert browser.exceptions == []
+
+
+CLAUDE_CODE = Path(__file__).parent / "fixtures" / "claude_code"
+
+
+def hook(server, name: str) -> requests.Response:
+    return requests.post(server.url + "/hooks/claude-code", data=(CLAUDE_CODE / name).read_bytes(), timeout=60)
+
+
+def click(browser, selector: str) -> None:
+    """A real click: the mouse pressed and released over the element's middle."""
+    x, y = browser.evaluate(
+        f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+        " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+    )
+    for kind in ("mousePressed", "mouseReleased"):
+        browser.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+
+def test_page_shows_pending_approvals_and_a_click_decides(make_server, browser):
+    srv = make_server(approval_rules=(ApprovalRule("Bash"),))
+    browser.call("Page.navigate", url=srv.url + "/")
+    wait_until(lambda: srv.state.broadcaster.subscriber_count == 1, "page subscribed")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        held = pool.submit(hook, srv, "05_pre_tool_use_risky.json")
+        wait_until(lambda: "Allow Bash?" in browser.text(), "approval shown")
+        assert "rm -rf dist && npm run build" in browser.text()  # the input to judge by
+        assert not held.done()
+        click(browser, ".approval input")
+        browser.call("Input.insertText", text="not before the release")
+        click(browser, ".approval button.deny")
+        answer = held.result(timeout=30)
+    assert answer.status_code == 200 and answer.json() == {"hookSpecificOutput": {
+        "hookEventName": "PreToolUse", "permissionDecision": "deny", "permissionDecisionReason": "not before the release",
+    }}
+    wait_until(lambda: "Allow Bash?" not in browser.text(), "decided approval removed")
+    (approval,) = srv.get("/approvals").json()["approvals"]
+    assert (approval["status"], approval["decided_by"]) == ("decided", "api")
+
+    # One opened after the page loaded it is listed too, and Allow answers allow.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(hook, srv, "07_permission_request.json")
+        wait_until(lambda: "Allow Bash?" in browser.text(), "second approval shown")
+        click(browser, ".approval button.allow")
+        assert held.result(timeout=30).json() == {
+            "hookSpecificOutput": {"hookEventName": "PermissionRequest", "decision": {"behavior": "allow"}}}
+    assert browser.exceptions == []
+
+
+def test_page_pairs_tool_calls_shows_agents_runs_and_runners(server, browser):
+    for name in sorted(path.name for path in CLAUDE_CODE.glob("[0-1][0-9]_*.json")):
+        if name != "07_permission_request.json":
+            assert hook(server, name).status_code == 200
+    session = json.loads((CLAUDE_CODE / "01_session_start.json").read_text())["session_id"]
+    server.post("/runs", {"type": "start_session", "prompt": "p", "agent_name": "helper"})
+    server.post("/runner/register", {"hostname": "build-host-7", "project_dir": "/p", "executor_type": "claude-code"})
+
+    browser.call("Page.navigate", url=f"{server.url}/#{session}")
+    wait_until(lambda: browser.evaluate("document.querySelectorAll('.event.tool').length") == 4, "four tool calls")
+    states = browser.evaluate("[...document.querySelectorAll('.event.tool .status')].map((s) => s.textContent)")
+    assert states == ["done", "failed", "done", "done"]  # each call joined by its result
+    # Input and output open on demand.
+    assert "Tests: 42 passed" not in browser.text()
+    browser.evaluate("document.querySelectorAll('.event.tool details').forEach((d) => d.open = true)")
+    assert "Tests: 42 passed" in browser.text() and "non-zero status code 1" in browser.text()
+    assert "Explore a8a5aea3" in browser.evaluate("document.getElementById('agents').innerText")
+    wait_until(lambda: "build-host-7" in browser.text(), "runner listed")
+    assert "pending" in browser.evaluate("document.getElementById('runs').innerText")
+
+    hook(server, "16_stop.json")  # live, too
+    wait_until(lambda: "all 42 tests pass" in browser.text(), "live message shown")
     assert browser.exceptions == []
