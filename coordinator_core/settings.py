@@ -247,6 +247,14 @@ class Settings:
     def jwt_audience(self) -> str:
         return self.oidc_audience or self.auth0_audience
 
+    @property
+    def database_name(self) -> str:
+        """The database as a message names it: the SQLite file, or the variable and the URL
+        without its password."""
+        if self.database_url is None:
+            return str(self.db_path)
+        return f"COORDINATOR_DATABASE_URL ({redact_url(self.database_url)})"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -271,14 +279,6 @@ class Settings:
         if settings.database_url is not None:
             _check_postgres_settings(settings)
         return settings
-
-    @property
-    def database_name(self) -> str:
-        """The database as a message names it: the SQLite file, or the variable and the URL
-        without its password."""
-        if self.database_url is None:
-            return str(self.db_path)
-        return f"COORDINATOR_DATABASE_URL ({redact_url(self.database_url)})"
 
 
 def _check_jwt_settings(settings: Settings) -> None:

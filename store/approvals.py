@@ -13,10 +13,9 @@ import uuid
 import msgspec
 
 from store.backend import Connection
-
-from store.models import APPROVAL_COLUMNS, Approval
 from store.changes import record
 from store.errors import Conflict, NotFound
+from store.models import APPROVAL_COLUMNS, Approval
 from store.sessions import require_session
 from store.stamps import now_ts
 
@@ -55,11 +54,11 @@ def list_approvals(
     where = " AND ".join(
         clause for clause, value in (("status = ?", status), ("session_id = ?", session_id)) if value is not None
     )
-    params = tuple(value for value in (status, session_id, limit) if value is not None)
-    sql = (
-        f"SELECT {APPROVAL_COLUMNS} FROM approvals {'WHERE ' + where if where else ''}"
-        f" ORDER BY requested_at DESC, approval_id{'' if limit is None else ' LIMIT ?'}"
-    )
+    params = tuple(value for value in (status, session_id) if value is not None)
+    where = f"WHERE {where}" if where else ""
+    sql = f"SELECT {APPROVAL_COLUMNS} FROM approvals {where} ORDER BY requested_at DESC, approval_id"
+    if limit is not None:
+        sql, params = sql + " LIMIT ?", (*params, limit)
     return [_approval(row) for row in conn.execute(sql, params)]
 
 

@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Se
 from store.errors import DatabaseUnusable
 
 if TYPE_CHECKING:
-    import concurrent.futures
-
     from coordinator_core.settings import Settings
     from store.changes import Change
 
@@ -57,10 +55,8 @@ class Database(Protocol):
         """Run a write verb in its own transaction; returns once it is committed and its changes
         were handed to the `start_changes` handler."""
 
-    def submit(self, fn: Verb[T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
-        """`write` for callers outside the event loop."""
-
-    def write_sync(self, fn: Verb[T], *args: Any, **kwargs: Any) -> T: ...
+    def write_sync(self, fn: Verb[T], *args: Any, **kwargs: Any) -> T:
+        """`write` for callers outside the event loop (blocking)."""
 
     async def read(self, fn: Verb[T], *args: Any, **kwargs: Any) -> T:
         """Run a read verb in one snapshot, on a worker thread."""

@@ -18,7 +18,7 @@ from store.models import APPROVAL_COLUMNS, EVENT_COLUMNS, RUN_COLUMNS, SESSION_C
 # `rowid`, which becomes the column of that name.
 TABLES = {
     "sessions": SESSION_COLUMNS,
-    "events": EVENT_COLUMNS + ", extra",
+    "events": f"{EVENT_COLUMNS}, extra",
     "runs": RUN_COLUMNS,
     "runners": "rowid, runner_id, registered_at, last_heartbeat, hostname, project_dir, executor_type, tags,"
                " status, deregistering",

@@ -15,12 +15,11 @@ from typing import NamedTuple, Sequence
 
 import msgspec
 
-from store.backend import Connection
-
-from store.models import SESSION_COLUMNS, Approval, ApprovalRule, ClaudeCodeHook, Event, Session, extra_json
 from store import approvals
+from store.backend import Connection
 from store.changes import record_session
 from store.events import insert_event
+from store.models import SESSION_COLUMNS, Approval, ApprovalRule, ClaudeCodeHook, Event, Session, extra_json
 from store.sessions import get_session, update_session
 from store.stamps import now_ts
 

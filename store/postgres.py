@@ -282,7 +282,7 @@ MIGRATIONS: list[str] = [
         expires_at TEXT COLLATE "C" NOT NULL,
         status TEXT COLLATE "C" NOT NULL,
         decision TEXT COLLATE "C",
-        reason TEXT,
+        reason TEXT COLLATE "C",
         decided_by TEXT COLLATE "C",
         decided_at TEXT COLLATE "C"
     );
@@ -418,9 +418,9 @@ class PostgresDatabase:
                 error = _storage_error(exc, writing=True)
                 if error is exc:
                     raise
-                log.error("a write was not stored: %s", one_line(exc))
+                if not isinstance(error, Rejected):  # the database's fault, not the request's
+                    log.error("a write was not stored: %s", one_line(exc))
                 raise error from exc
-        raise AssertionError("unreachable")
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -316,7 +316,7 @@ def test_sigterm_ends_every_live_stream_at_once(tmp_path):
         assert "Traceback" not in server.log()
 
 
-@pytest.mark.sqlite_only  # the upgrade of a SQLite file
+@pytest.mark.sqlite_only
 def test_cursors_of_the_release_before_the_log_still_resume(make_server, project_dir):
     """A database from before the change log: its event ids were the cursors clients kept."""
     path = project_dir / ".agent-orchestrator" / "observability.db"
