@@ -1,0 +1,82 @@
+"""Before and after: the coordinator of another source tree (an older commit, checked out with
+`git worktree add /tmp/base <commit>`) against this tree's, in alternating rounds: ingest (both
+routes), reads, fan-out and live-stream memory.
+`python -m bench.compare /tmp/base [--quick] [--rounds N]`."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.harness import LOAD_CPU, ROOT, Server, pin_to
+from bench.memory import describe, live_memory
+from bench.results import Results, fmt, table
+from bench.run import fanout_workloads, load_average, request_workloads, seed_reads, versions
+
+
+def revision(tree: Path) -> str:
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True)
+    return found.stdout.strip() or str(tree)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before", type=Path, help="source tree of the coordinator to compare with")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    rounds = 1 if args.quick else args.rounds
+    seconds = 0.5 if args.quick else 3.0
+    fan_sizes = (1, 10) if args.quick else (1, 50, 200)
+    fan_seconds = 0.5 if args.quick else 4.0
+    pin_to(LOAD_CPU)
+    before = Server(f"before ({revision(args.before)})", root=args.before.resolve())
+    after = Server(f"after ({revision(ROOT)})")
+    servers = [before, after]
+    loads = [load_average()]
+
+    results = Results()
+    for server in servers:
+        server.start()
+    try:
+        for server in servers:
+            seed_reads(server)
+        for round_ in range(rounds):
+            print(f"round {round_ + 1}/{rounds} (load {load_average()})", file=sys.stderr)
+            for server in servers[round_ % 2:] + servers[:round_ % 2]:
+                request_workloads(server, results, seconds)
+                fanout_workloads(server, results, fan_sizes, fan_seconds)
+    finally:
+        for server in servers:
+            server.stop()
+    memory = {}
+    for server in servers:
+        print(f"live-stream memory, {server.name}", file=sys.stderr)
+        with Server(server.name, root=server.root) as fresh:
+            m = live_memory(fresh, 20, 2, 2, seconds=0.5, flat_for=0.5) if args.quick else live_memory(fresh)
+            memory[server.name] = describe(m)
+    loads.append(load_average())
+
+    print(f"\n{versions()}; {rounds} rounds of {seconds:g} s (median shown); "
+          f"load average (1/5/15 min) {' -> '.join(loads)}\n")
+    rows = []
+    for workload in results.workloads():
+        row = [workload]
+        for server in servers:
+            row += [fmt(results.median(workload, server.name, metric), digits)
+                    for metric, digits in (("throughput", 0), ("p50", 2), ("p99", 2))]
+        row += [fmt(results.ratio(workload, after.name, before.name, metric), 2) for metric in ("throughput", "p50", "p99")]
+        row.append(" / ".join(fmt(results.median(workload, server.name, "cpu_us"), 0) for server in servers))
+        key = "p99" if workload.startswith("fan-out") else "throughput"
+        row.append(", ".join(fmt(r, 2) for r in results.per_round_ratios(workload, after.name, before.name, key)))
+        rows.append(row)
+    print(table(["workload"] + [f"{server.name} {column}" for server in servers for column in ("/s", "p50 ms", "p99 ms")]
+                + ["after ÷ before /s", "p50", "p99", "CPU µs before / after", "rounds (/s; fan-out p99)"], rows))
+    for server in servers:
+        print(f"\n{server.name} RSS: {memory[server.name]}")
+
+
+if __name__ == "__main__":
+    main()
