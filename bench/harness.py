@@ -52,10 +52,15 @@ def current_rss_mb(pid: int) -> float:
     return _status_mb(pid, "VmRSS")
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, every thread) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def stat_cpu_seconds(stat: str) -> float:
+    """User + system CPU time from the text of a /proc/.../stat file."""
+    fields = stat.rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process (every thread) has used so far."""
+    return stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
 
 
 BARE = "bench.limit_app:app"
