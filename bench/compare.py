@@ -12,8 +12,8 @@ from pathlib import Path
 
 from bench.harness import LOAD_CPU, ROOT, Server, pin_to
 from bench.memory import describe, live_memory
-from bench.results import Results, fmt, table
-from bench.run import fanout_workloads, load_average, request_workloads, seed_reads, versions
+from bench.results import fmt, table
+from bench.run import fanout_workloads, load_average, request_workloads, run_rounds, seed_reads, versions
 
 
 def revision(tree: Path) -> str:
@@ -37,17 +37,12 @@ def main() -> None:
     servers = [before, after]
     loads = [load_average()]
 
-    results = Results()
     for server in servers:
         server.start()
     try:
         for server in servers:
             seed_reads(server)
-        for round_ in range(rounds):
-            print(f"round {round_ + 1}/{rounds} (load {load_average()})", file=sys.stderr)
-            for server in servers[round_ % 2:] + servers[:round_ % 2]:
-                request_workloads(server, results, seconds)
-                fanout_workloads(server, results, fan_sizes, fan_seconds)
+        results = run_rounds(servers, request_workloads(seconds) + fanout_workloads(fan_sizes, fan_seconds), rounds)
     finally:
         for server in servers:
             server.stop()

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import apsw
 import msgspec
@@ -122,30 +123,65 @@ def load_average() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def request_workloads(server: Server, results: Results, seconds: float) -> None:
+Workload = Callable[[Server, Results], None]  # runs once against one server, records its numbers
+
+
+def request_workloads(seconds: float) -> list[Workload]:
     """Ingest (both routes) and reads."""
-    for name, legacy in (("ingest", False), ("legacy ingest", True)):
-        r = ingest(server, seconds, legacy)
-        assert r.errors == 0, f"{name}: {r.errors} errors on {server.name}"
-        results.record(name, server.name, r.rps, r.latencies_ms, cpu_us=r.server_cpu_us, saturated=r.cpu_share > 0.9)
-    for name, path in (("read 100 events", "/sessions/ses_100/events"),
-                       ("read 1,000 events", "/sessions/ses_1000/events"),
-                       ("read 1,000 sessions", "/sessions")):
-        r = read(server, seconds, path)
-        results.record(name, server.name, r.rps, r.latencies_ms, cpu_us=r.server_cpu_us, saturated=r.cpu_share > 0.9)
+
+    def ingest_on(name: str, legacy: bool) -> Workload:
+        def run(server: Server, results: Results) -> None:
+            r = ingest(server, seconds, legacy)
+            assert r.errors == 0, f"{name}: {r.errors} errors on {server.name}"
+            results.record(name, server.name, r.rps, r.latencies_ms, cpu_us=r.server_cpu_us,
+                           saturated=r.cpu_share > 0.9)
+        return run
+
+    def read_on(name: str, path: str) -> Workload:
+        def run(server: Server, results: Results) -> None:
+            r = read(server, seconds, path)
+            results.record(name, server.name, r.rps, r.latencies_ms, cpu_us=r.server_cpu_us,
+                           saturated=r.cpu_share > 0.9)
+        return run
+
+    return [ingest_on("ingest", False), ingest_on("legacy ingest", True),
+            read_on("read 100 events", "/sessions/ses_100/events"),
+            read_on("read 1,000 events", "/sessions/ses_1000/events"),
+            read_on("read 1,000 sessions", "/sessions")]
 
 
-def fanout_workloads(server: Server, results: Results, sizes, seconds: float) -> None:
-    for k in sizes:
-        f = fanout(server.port, k, 200, seconds)
-        results.record(f"fan-out {k} subscribers", server.name, f.posted / seconds, f.latencies_ms, lost=f.lost)
+def fanout_workloads(sizes, seconds: float) -> list[Workload]:
+    def fanout_to(k: int) -> Workload:
+        def run(server: Server, results: Results) -> None:
+            f = fanout(server.port, k, 200, seconds)
+            results.record(f"fan-out {k} subscribers", server.name, f.posted / seconds, f.latencies_ms, lost=f.lost)
+        return run
+
+    return [fanout_to(k) for k in sizes]
 
 
-def dispatch_workloads(server: Server, results: Results, runs: int) -> None:
-    for name, rate, count in (("dispatch latency (50 runs/s)", 50, runs // 3), ("dispatch throughput", None, runs)):
-        cpu0 = cpu_seconds(server.pid)
-        rps, latencies = dispatch(server.port, count, rate)
-        results.record(name, server.name, rps, latencies, cpu_us=(cpu_seconds(server.pid) - cpu0) / count * 1e6)
+def dispatch_workloads(runs: int) -> list[Workload]:
+    def dispatch_at(name: str, rate: float | None, count: int) -> Workload:
+        def run(server: Server, results: Results) -> None:
+            cpu0 = cpu_seconds(server.pid)
+            rps, latencies = dispatch(server.port, count, rate)
+            results.record(name, server.name, rps, latencies, cpu_us=(cpu_seconds(server.pid) - cpu0) / count * 1e6)
+        return run
+
+    return [dispatch_at("dispatch latency (50 runs/s)", 50, runs // 3), dispatch_at("dispatch throughput", None, runs)]
+
+
+def run_rounds(servers: list[Server], workloads: list[Workload], rounds: int) -> Results:
+    """Each workload on every server in turn, so that they share the machine's mood; the order
+    of the servers rotates from round to round."""
+    results = Results()
+    for round_ in range(rounds):
+        print(f"round {round_ + 1}/{rounds} (load {load_average()})", file=sys.stderr)
+        order = servers[round_ % len(servers):] + servers[:round_ % len(servers)]
+        for workload in workloads:
+            for server in order:
+                workload(server, results)
+    return results
 
 
 def seed_reads(server: Server) -> None:
@@ -212,19 +248,14 @@ def main() -> None:
     pin_to(LOAD_CPU)
     loads = [load_average()]
 
-    results = Results()
     servers = [Server(), Server(DURABLE_APP, DURABLE), Server(BARE_APP, BARE)]
     for server in servers:
         server.start()
     try:
         for server in servers:
             seed_reads(server)
-        for round_ in range(rounds):
-            print(f"round {round_ + 1}/{rounds} (load {load_average()})", file=sys.stderr)
-            for server in servers[round_ % 3:] + servers[:round_ % 3]:
-                request_workloads(server, results, seconds)
-                fanout_workloads(server, results, fan_sizes, fan_seconds)
-                dispatch_workloads(server, results, dispatch_runs)
+        workloads = request_workloads(seconds) + fanout_workloads(fan_sizes, fan_seconds) + dispatch_workloads(dispatch_runs)
+        results = run_rounds(servers, workloads, rounds)
         peak = rss_mb(servers[0].pid)
     finally:
         for server in servers:
