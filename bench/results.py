@@ -44,6 +44,9 @@ class Results:
     def workloads(self) -> list[str]:
         return list(dict.fromkeys(workload for workload, _ in self._samples))
 
+    def servers(self) -> list[str]:
+        return list(dict.fromkeys(server for _, server in self._samples))
+
     def get(self, workload: str, server: str) -> Sample | None:
         return self._samples.get((workload, server))
 

@@ -126,28 +126,27 @@ def load_average() -> str:
 Workload = Callable[[Server, Results], None]  # runs once against one server, records its numbers
 
 
+def ingest_workload(name: str, legacy: bool, seconds: float) -> Workload:
+    def run(server: Server, results: Results) -> None:
+        r = ingest(server, seconds, legacy)
+        assert r.errors == 0, f"{name}: {r.errors} errors on {server.name}"
+        results.record(name, server.name, r.rps, r.latencies_ms, cpu_us=r.server_cpu_us, saturated=r.cpu_share > 0.9)
+    return run
+
+
+def read_workload(name: str, path: str, seconds: float) -> Workload:
+    def run(server: Server, results: Results) -> None:
+        r = read(server, seconds, path)
+        results.record(name, server.name, r.rps, r.latencies_ms, cpu_us=r.server_cpu_us, saturated=r.cpu_share > 0.9)
+    return run
+
+
 def request_workloads(seconds: float) -> list[Workload]:
     """Ingest (both routes) and reads."""
-
-    def ingest_on(name: str, legacy: bool) -> Workload:
-        def run(server: Server, results: Results) -> None:
-            r = ingest(server, seconds, legacy)
-            assert r.errors == 0, f"{name}: {r.errors} errors on {server.name}"
-            results.record(name, server.name, r.rps, r.latencies_ms, cpu_us=r.server_cpu_us,
-                           saturated=r.cpu_share > 0.9)
-        return run
-
-    def read_on(name: str, path: str) -> Workload:
-        def run(server: Server, results: Results) -> None:
-            r = read(server, seconds, path)
-            results.record(name, server.name, r.rps, r.latencies_ms, cpu_us=r.server_cpu_us,
-                           saturated=r.cpu_share > 0.9)
-        return run
-
-    return [ingest_on("ingest", False), ingest_on("legacy ingest", True),
-            read_on("read 100 events", "/sessions/ses_100/events"),
-            read_on("read 1,000 events", "/sessions/ses_1000/events"),
-            read_on("read 1,000 sessions", "/sessions")]
+    return [ingest_workload("ingest", False, seconds), ingest_workload("legacy ingest", True, seconds),
+            read_workload("read 100 events", "/sessions/ses_100/events", seconds),
+            read_workload("read 1,000 events", "/sessions/ses_1000/events", seconds),
+            read_workload("read 1,000 sessions", "/sessions", seconds)]
 
 
 def fanout_workloads(sizes, seconds: float) -> list[Workload]:
@@ -233,6 +232,30 @@ def print_report(results: Results, rounds: int, seconds: float, memory: str, pea
     print(f"\ncoordinator RSS: {memory}; peak of the rounds {peak:.0f} MB")
 
 
+def growth(events: int, rounds: int, seconds: float) -> Results:
+    """Ingest and a 100-event read on an empty database and on one with `events` stored."""
+    servers = []
+    for count in (0, events):
+        server = Server("empty" if not count else f"{count:,} events")
+        server.project_dir = Path(tempfile.mkdtemp(prefix="bench-growth-"))
+        (server.project_dir / ".agent-orchestrator").mkdir()
+        if count:
+            seed_million(server.project_dir / ".agent-orchestrator" / "observability.db", count)
+        servers.append(server)
+    print("growth", file=sys.stderr)
+    for server in servers:
+        server.start()
+    try:
+        for server in servers:
+            seed(server.port, ["ses_100", *INGEST_SESSIONS], {"ses_100": 100})
+        workloads = [ingest_workload("ingest", False, seconds),
+                     read_workload("read 100 events", "/sessions/ses_100/events", seconds)]
+        return run_rounds(servers, workloads, rounds)
+    finally:
+        for server in servers:
+            server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
@@ -268,23 +291,17 @@ def main() -> None:
         else:
             memory = describe(live_memory(server))
 
-    # Growth: the same ingest and read on an empty database and on one with many events.
-    for label, events in (("empty", 0), (f"{growth_events:,} events", growth_events)):
-        print(f"growth, {label}", file=sys.stderr)
-        server = Server()
-        server.project_dir = Path(tempfile.mkdtemp(prefix="bench-growth-"))
-        (server.project_dir / ".agent-orchestrator").mkdir()
-        if events:
-            seed_million(server.project_dir / ".agent-orchestrator" / "observability.db", events)
-        with server:
-            seed(server.port, ["ses_100", *INGEST_SESSIONS], {"ses_100": 100})
-            for _ in range(rounds):
-                r = ingest(server, seconds, False)
-                results.record(f"growth ingest, {label}", COORDINATOR, r.rps, r.latencies_ms, cpu_us=r.server_cpu_us)
-                r = read(server, seconds, "/sessions/ses_100/events")
-                results.record(f"growth read 100, {label}", COORDINATOR, r.rps, r.latencies_ms, cpu_us=r.server_cpu_us)
+    growth_results = growth(growth_events, rounds, seconds)
     loads.append(load_average())
     print_report(results, rounds, seconds, memory, peak, loads)
+    print(f"\nGrowth: the same ingest and read on an empty database and on one with {growth_events:,} events "
+          "(both servers in each round):\n")
+    empty, full = growth_results.servers()
+    rows = [[workload] + [fmt(growth_results.median(workload, server, metric), digits)
+                          for server in (empty, full) for metric, digits in (("throughput", 0), ("p50", 2), ("p99", 2))]
+            + [fmt(growth_results.ratio(workload, full, empty, "throughput"), 2)] for workload in growth_results.workloads()]
+    print(table(["workload"] + [f"{server} {column}" for server in (empty, full) for column in ("/s", "p50 ms", "p99 ms")]
+                + ["ratio /s"], rows))
 
 
 if __name__ == "__main__":
