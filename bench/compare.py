@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.harness import LOAD_CPU, ROOT, Server, pin_to
 from bench.memory import describe, live_memory
-from bench.results import fmt, table
+from bench.results import fmt, side_by_side
 from bench.run import fanout_workloads, load_average, request_workloads, run_rounds, seed_reads, versions
 
 
@@ -56,19 +56,20 @@ def main() -> None:
 
     print(f"\n{versions()}; {rounds} rounds of {seconds:g} s (median shown); "
           f"load average (1/5/15 min) {' -> '.join(loads)}\n")
-    rows = []
-    for workload in results.workloads():
-        row = [workload]
-        for server in servers:
-            row += [fmt(results.median(workload, server.name, metric), digits)
-                    for metric, digits in (("throughput", 0), ("p50", 2), ("p99", 2))]
-        row += [fmt(results.ratio(workload, after.name, before.name, metric), 2) for metric in ("throughput", "p50", "p99")]
-        row.append(" / ".join(fmt(results.median(workload, server.name, "cpu_us"), 0) for server in servers))
+    names = [server.name for server in servers]
+
+    def ratio(metric: str):
+        return lambda workload: fmt(results.ratio(workload, after.name, before.name, metric), 2)
+
+    def per_round(workload: str) -> str:
         key = "p99" if workload.startswith("fan-out") else "throughput"
-        row.append(", ".join(fmt(r, 2) for r in results.per_round_ratios(workload, after.name, before.name, key)))
-        rows.append(row)
-    print(table(["workload"] + [f"{server.name} {column}" for server in servers for column in ("/s", "p50 ms", "p99 ms")]
-                + ["after ÷ before /s", "p50", "p99", "CPU µs before / after", "rounds (/s; fan-out p99)"], rows))
+        return ", ".join(fmt(r, 2) for r in results.per_round_ratios(workload, after.name, before.name, key))
+
+    print(side_by_side(results, names, {
+        "after ÷ before /s": ratio("throughput"), "p50": ratio("p50"), "p99": ratio("p99"),
+        "CPU µs before / after": lambda w: " / ".join(fmt(results.median(w, name, "cpu_us"), 0) for name in names),
+        "rounds (/s; fan-out p99)": per_round,
+    }))
     for server in servers:
         print(f"\n{server.name} RSS: {memory[server.name]}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from typing import Callable
 
 from bench.harness import percentile
 
@@ -77,3 +78,18 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def side_by_side(results: Results, servers: list[str], extra: dict[str, Callable[[str], str]] | None = None) -> str:
+    """A row per workload: each server's median /s, p50 and p99, then the `extra` columns
+    (header -> the cell for a workload)."""
+    extra = extra or {}
+    rows = []
+    for workload in results.workloads():
+        row = [workload]
+        for server in servers:
+            row += [fmt(results.median(workload, server, metric), digits)
+                    for metric, digits in (("throughput", 0), ("p50", 2), ("p99", 2))]
+        rows.append(row + [cell(workload) for cell in extra.values()])
+    header = ["workload"] + [f"{server} {column}" for server in servers for column in ("/s", "p50 ms", "p99 ms")]
+    return table(header + list(extra), rows)

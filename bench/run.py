@@ -41,7 +41,7 @@ from bench.harness import (
     rss_mb,
 )
 from bench.memory import describe, live_memory
-from bench.results import Results, fmt, table
+from bench.results import Results, fmt, side_by_side, table
 
 INGEST_SESSIONS = [f"ses_ingest{i}" for i in range(4)]
 
@@ -192,19 +192,14 @@ def print_report(results: Results, rounds: int, seconds: float, memory: str, pea
           f"{platform.python_version()}, {versions()}")
     print(f"{rounds} rounds of {seconds:g} s per workload (median shown); load average (1/5/15 min) "
           f"{' -> '.join(loads)}\n")
-    servers = (COORDINATOR, DURABLE_APP, BARE_APP)
-    rows = []
-    for workload in results.workloads():
-        row = [workload]
-        for server in servers:
-            row += [fmt(results.median(workload, server, "throughput"), 0),
-                    fmt(results.median(workload, server, "p50"), 2), fmt(results.median(workload, server, "p99"), 2)]
+    servers = [COORDINATOR, DURABLE_APP, BARE_APP]
+
+    def notes(workload: str) -> str:
         samples = [results.get(workload, server) for server in servers]
-        notes = [f"{server} lost {s.lost}" for server, s in zip(servers, samples) if s and s.lost]
-        notes += ["load generator saturated"] if any(s and s.saturated for s in samples) else []
-        rows.append(row + ["; ".join(notes)])
-    print(table(["workload"] + [f"{name} {column}" for name in servers for column in ("/s", "p50 ms", "p99 ms")]
-                + ["notes"], rows))
+        found = [f"{server} lost {s.lost}" for server, s in zip(servers, samples) if s and s.lost]
+        return "; ".join(found + (["load generator saturated"] if any(s and s.saturated for s in samples) else []))
+
+    print(side_by_side(results, servers, {"notes": notes}))
 
     print("\nRatios, the coordinator's over each limit app's (median of the rounds' ratios); server CPU "
           "time per request (per run for dispatch), in µs:\n")
@@ -297,11 +292,8 @@ def main() -> None:
     print(f"\nGrowth: the same ingest and read on an empty database and on one with {growth_events:,} events "
           "(both servers in each round):\n")
     empty, full = growth_results.servers()
-    rows = [[workload] + [fmt(growth_results.median(workload, server, metric), digits)
-                          for server in (empty, full) for metric, digits in (("throughput", 0), ("p50", 2), ("p99", 2))]
-            + [fmt(growth_results.ratio(workload, full, empty, "throughput"), 2)] for workload in growth_results.workloads()]
-    print(table(["workload"] + [f"{server} {column}" for server in (empty, full) for column in ("/s", "p50 ms", "p99 ms")]
-                + ["ratio /s"], rows))
+    print(side_by_side(growth_results, [empty, full],
+                       {"ratio /s": lambda w: fmt(growth_results.ratio(w, full, empty, "throughput"), 2)}))
 
 
 if __name__ == "__main__":
