@@ -41,7 +41,7 @@ from bench.harness import (
     rss_mb,
 )
 from bench.memory import describe, live_memory
-from bench.results import Results, fmt, side_by_side, table
+from bench.results import NAN, Results, fmt, side_by_side, table
 
 INGEST_SESSIONS = [f"ses_ingest{i}" for i in range(4)]
 
@@ -221,9 +221,12 @@ def print_report(results: Results, rounds: int, seconds: float, memory: str, pea
         per_round = results.per_round_ratios(workload, COORDINATOR, DURABLE_APP, metric)
         value = results.ratio(workload, COORDINATOR, DURABLE_APP, metric)
         met = "-" if value != value else "met" if (value >= bound if compare == ">=" else value <= bound) else "NOT met"
+        # On a shared machine a server gets what CPU the others leave it: the ratio of CPU time
+        # per request says what the throughput ratio would be with the core to itself.
+        by_cpu = results.ratio(workload, DURABLE_APP, COORDINATOR, "cpu_us") if metric == "throughput" else NAN
         rows.append([f"{workload} {METRIC[metric]}", f"{compare} {bound:g}", fmt(value, 2),
-                     ", ".join(fmt(r, 2) for r in per_round), met])
-    print(table(["target", "bound", "median", "rounds", "result"], rows))
+                     ", ".join(fmt(r, 2) for r in per_round), met, fmt(by_cpu, 2)])
+    print(table(["target", "bound", "median", "rounds", "result", "by CPU time per request"], rows))
     print(f"\ncoordinator RSS: {memory}; peak of the rounds {peak:.0f} MB")
 
 
