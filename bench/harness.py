@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -80,10 +81,18 @@ class Server:
     project_dir: Path | None = None
     port: int = 0
     proc: subprocess.Popen | None = None
+    _temporary: bool = False
+
+    def prepare(self) -> Path:
+        """The project directory: a temporary one unless given, removed again at `stop`."""
+        if self.project_dir is None:
+            self.project_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+            self._temporary = True
+        return self.project_dir
 
     def start(self) -> Server:
         self.port = free_port()
-        self.project_dir = self.project_dir or Path(tempfile.mkdtemp(prefix="bench-"))
+        self.prepare()
         if self.app:
             serve = (f"uvicorn.run({self.app!r}, host='127.0.0.1', port=int(sys.argv[3]),"
                      " log_level='warning', ws='websockets-sansio')")
@@ -122,6 +131,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._temporary:
+            shutil.rmtree(self.project_dir, ignore_errors=True)
 
     def __enter__(self) -> Server:
         return self.start()

@@ -13,7 +13,6 @@ import argparse
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -59,8 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     pin_to(LOAD_CPU)
-    out = Path(tempfile.mkdtemp(prefix="bench-profile-")) / "samples.txt"
     with Server(args.server, {"durable app": DURABLE, "bare app": BARE}.get(args.server)) as server:
+        out = server.project_dir / "samples.txt"
         seed(server.port, INGEST_SESSIONS, {})
         ingest(server, 1, args.legacy)  # warm-up
         before = thread_cpu(server.pid)
@@ -75,9 +74,9 @@ def main() -> None:
         _, error = recorder.communicate()
         if recorder.returncode:
             sys.exit(f"py-spy failed: {error.decode().strip()}")
+        names, per_thread, inclusive, own = read_samples(out)
     requests = result.requests
     cpu_us = {tid: (seconds - before.get(tid, ("", 0))[1]) / requests * 1e6 for tid, (_, seconds) in after.items()}
-    names, per_thread, inclusive, own = read_samples(out)
     names = {tid: name for tid, (name, _) in after.items()} | names  # Python's names where it has them
 
     route = "POST /events" if args.legacy else "POST /sessions/{id}/events"

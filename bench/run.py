@@ -15,7 +15,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -235,10 +234,10 @@ def growth(events: int, rounds: int, seconds: float) -> Results:
     servers = []
     for count in (0, events):
         server = Server("empty" if not count else f"{count:,} events")
-        server.project_dir = Path(tempfile.mkdtemp(prefix="bench-growth-"))
-        (server.project_dir / ".agent-orchestrator").mkdir()
         if count:
-            seed_million(server.project_dir / ".agent-orchestrator" / "observability.db", count)
+            database = server.prepare() / ".agent-orchestrator" / "observability.db"
+            database.parent.mkdir()
+            seed_million(database, count)
         servers.append(server)
     print("growth", file=sys.stderr)
     for server in servers:

@@ -34,7 +34,8 @@ def cpu(tid):
     fields = open(f"/proc/self/task/{tid}/stat").read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-db = Database(os.path.join(tempfile.mkdtemp(prefix="bench-store-"), "observability.db"), 0)
+directory = tempfile.TemporaryDirectory(prefix="bench-store-")
+db = Database(os.path.join(directory.name, "observability.db"), 0)
 db.write_sync(sessions.create_session, "ses_cost")
 event = msgspec.json.decode(sys.argv[4], type=Event)
 writer = db._writer.native_id
@@ -61,6 +62,7 @@ for sync in ("FULL", "OFF"):
         found.append({"sync": sync, "batch": batch, "cpu_us": (cpu(writer) - cpu0) / count * 1e6,
                       "wall_us": (time.perf_counter() - wall0) / count * 1e6})
 db.close()
+directory.cleanup()
 print(json.dumps(found))
 """
 
