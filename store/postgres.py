@@ -520,7 +520,9 @@ class ChangeTail:
        over; it never passes a row that could still commit.
 
     Usually the snapshot of (2) finds nothing in progress and L settles at once. Otherwise the
-    pair (L, N) waits for later snapshots. The tail wakes on LISTEN/NOTIFY (a trigger notifies in every
+    pair (L, N) waits for later snapshots. (A transaction id kept on each row would not do: a
+    transaction may get its id before another and its cursor after it, so a row whose
+    transaction is older than every one in progress can still be passed by a cursor in flight.) The tail wakes on LISTEN/NOTIFY (a trigger notifies in every
     transaction that records a change, delivered at its commit), polls while a pair waits for
     transactions that notify nobody (those that record nothing, or roll back), and polls every
     SAFETY_POLL seconds in any case. A transaction left open anywhere on the same server (the
