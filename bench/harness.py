@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -54,6 +55,21 @@ def current_rss_mb(pid: int) -> float:
     return _status_mb(pid, "VmRSS")
 
 
+def stat_cpu_seconds(stat: str) -> float:
+    """User + system CPU time from the text of a /proc/.../stat file."""
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process (every thread) has used so far."""
+    return stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
+
+
+BARE = "bench.limit_app:app"
+DURABLE = "bench.limit_app:durable_app"
+
+
 def database_env(url: str | None) -> dict[str, str]:
     """The coordinator's environment for a run on PostgreSQL (`--database-url`): a new, empty
     schema of that database for each server, as each SQLite server gets a new project dir.
@@ -72,20 +88,31 @@ def database_env(url: str | None) -> dict[str, str]:
 
 @dataclass
 class Server:
-    """A server process: the coordinator (`limit=False`), started the way `python -m coordinator`
-    starts it (its settings from the environment), or the bare limit app."""
+    """A server process: the coordinator of the source tree `root`, started the way
+    `python -m coordinator` starts it (its settings from the environment), or one of the limit
+    apps (`app`: BARE or DURABLE)."""
 
-    limit: bool = False
+    name: str = "coordinator"
+    app: str | None = None
+    root: Path = ROOT
     env: dict = field(default_factory=dict)
     project_dir: Path | None = None
     port: int = 0
     proc: subprocess.Popen | None = None
+    _temporary: bool = False
+
+    def prepare(self) -> Path:
+        """The project directory: a temporary one unless given, removed again at `stop`."""
+        if self.project_dir is None:
+            self.project_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+            self._temporary = True
+        return self.project_dir
 
     def start(self) -> Server:
         self.port = free_port()
-        self.project_dir = self.project_dir or Path(tempfile.mkdtemp(prefix="bench-"))
-        if self.limit:
-            serve = ("uvicorn.run('bench.limit_app:app', host='127.0.0.1', port=int(sys.argv[3]),"
+        self.prepare()
+        if self.app:
+            serve = (f"uvicorn.run({self.app!r}, host='127.0.0.1', port=int(sys.argv[3]),"
                      " log_level='warning', ws='websockets-sansio')")
         else:
             serve = "from coordinator import main; main(['--host', '127.0.0.1', '--port', sys.argv[3]])"
@@ -97,8 +124,8 @@ class Server:
         # The coordinator logs every request, as it does in production: into a file here.
         with open(self.project_dir / "server.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", code, str(ROOT), str(SERVER_CPU), str(self.port)],
-                env=env, cwd=ROOT, stderr=log,
+                [sys.executable, "-c", code, str(self.root), str(SERVER_CPU), str(self.port)],
+                env=env, cwd=self.root, stderr=log,
             )
         deadline = time.monotonic() + 30
         while True:
@@ -111,8 +138,8 @@ class Server:
                 time.sleep(0.05)
 
     @property
-    def name(self) -> str:
-        return "limit app" if self.limit else "coordinator"
+    def pid(self) -> int:
+        return self.proc.pid
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -122,6 +149,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._temporary:
+            shutil.rmtree(self.project_dir, ignore_errors=True)
 
     def __enter__(self) -> Server:
         return self.start()
@@ -159,13 +188,14 @@ class LoadResult:
     latencies_ms: list[float]
     errors: int
     cpu_share: float  # load generator CPU time / wall time (1.0 = one core saturated)
+    server_cpu_us: float  # the server's CPU time per request, in µs (nan when not measured)
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds
 
 
-async def _load(port: int, make_request, concurrency: int, seconds: float) -> LoadResult:
+async def _load(port: int, make_request, concurrency: int, seconds: float, server_pid: int | None) -> LoadResult:
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
@@ -186,16 +216,22 @@ async def _load(port: int, make_request, concurrency: int, seconds: float) -> Lo
         finally:
             writer.close()
 
+    server0 = cpu_seconds(server_pid) if server_pid else float("nan")
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     wall = time.perf_counter() - t0
-    return LoadResult(len(latencies), wall, latencies, errors, (time.process_time() - cpu0) / wall)
+    load_cpu = time.process_time() - cpu0
+    server_cpu = cpu_seconds(server_pid) - server0 if server_pid else float("nan")
+    return LoadResult(len(latencies), wall, latencies, errors, load_cpu / wall,
+                      server_cpu / max(1, len(latencies)) * 1e6)
 
 
-def http_load(port: int, make_request, concurrency: int = 16, seconds: float = 3.0) -> LoadResult:
+def http_load(port: int, make_request, concurrency: int = 16, seconds: float = 3.0,
+              server_pid: int | None = None) -> LoadResult:
     """Closed-loop load: `concurrency` keep-alive connections, each sending
-    `make_request(worker_index, n)` (raw request bytes) back to back for `seconds`."""
-    return asyncio.run(_load(port, make_request, concurrency, seconds))
+    `make_request(worker_index, n)` (raw request bytes) back to back for `seconds`; with
+    `server_pid`, the server's CPU time per request too."""
+    return asyncio.run(_load(port, make_request, concurrency, seconds, server_pid))
 
 
 def fetch_all(port: int, raws: list[bytes]) -> list[tuple[int, bytes]]:

@@ -1,12 +1,20 @@
-"""The practical limit of this stack: the coordinator's hot routes on bare Starlette, answering
-constant JSON with no storage. Fan-out and dispatch do the minimum work those need (in-memory
-subscriber queues, an in-memory run queue with wake-ups) so that their latency is comparable."""
+"""The practical limits of this stack: the coordinator's hot routes on bare Starlette, answering
+constant JSON. Fan-out and dispatch do the minimum work those need (in-memory subscriber queues,
+an in-memory run queue with wake-ups) so that their latency is comparable.
+
+`app` (the bare app) stores nothing. `durable_app` answers each write (an event, a session, a
+run, a runner's report) only once its raw body is appended to a file and `fdatasync`ed, group
+committed (bench/journal.py): the simplest durable design, the limit for a coordinator that
+acknowledges only what is on disk. Reads are the same constant JSON in both."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import os
 from collections import deque
+from pathlib import Path
 
 import msgspec
 from starlette.applications import Starlette
@@ -14,6 +22,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from bench.journal import Journal
 
 OK = b'{"ok":true}'
 SESSION = msgspec.json.encode(
@@ -39,9 +49,17 @@ def json(body: bytes, status: int = 200) -> Response:
     return Response(body, status, media_type="application/json")
 
 
-async def post_event(request: Request):
+async def store(request: Request) -> bytes:
+    """The request's JSON body, once stored (durable app) or at once (bare app)."""
     body = await request.body()
     msgspec.json.decode(body)
+    if request.app.state.journal is not None:
+        await request.app.state.journal.append(body)
+    return body
+
+
+async def post_event(request: Request):
+    body = await store(request)
     frame = b'{"type":"event","data":' + body + b"}"
     for queue in subscribers:
         queue.put_nowait(frame)
@@ -58,12 +76,12 @@ async def list_events(request: Request):
 
 
 async def create_session(request: Request):
-    msgspec.json.decode(await request.body())
+    await store(request)
     return json(b'{"ok":true,"session":' + SESSION + b"}")
 
 
 async def create_run(request: Request):
-    msgspec.json.decode(await request.body())
+    await store(request)
     run_id = f"run_{next(run_ids):012d}"
     runs.append(run_id.encode())
     run_ready.set()
@@ -73,15 +91,34 @@ async def create_run(request: Request):
 async def poll(request: Request):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
-    while not runs:
-        run_ready.clear()
-        try:
-            await asyncio.wait_for(run_ready.wait(), deadline - loop.time())
-        except TimeoutError:
-            return Response(status_code=204)
-        if await request.is_disconnected():  # never hand a run to a client that left
-            return Response(status_code=204)
+    gone = False
+
+    async def watch_disconnect():  # a GET has no body to read: the next message is the disconnect
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        run_ready.set()
+
+    watcher = asyncio.ensure_future(watch_disconnect())
+    try:
+        while not runs:
+            run_ready.clear()
+            try:
+                await asyncio.wait_for(run_ready.wait(), deadline - loop.time())
+            except TimeoutError:
+                return Response(status_code=204)
+            if gone:  # never hand a run to a client that left
+                return Response(status_code=204)
+    finally:
+        watcher.cancel()
     return json(b'{"run":{"run_id":"%s","status":"claimed"}}' % runs.popleft())
+
+
+async def report(request: Request):
+    """A runner's `started` or `completed`."""
+    await store(request)
+    return json(OK)
 
 
 async def register(request: Request):
@@ -93,33 +130,48 @@ async def ws(websocket: WebSocket):
     await websocket.accept()
     queue: asyncio.Queue = asyncio.Queue(1000)
     subscribers.add(queue)
-    await websocket.send_text('{"type":"init","sessions":[]}')
 
-    async def drain_client():
+    async def send_frames():
+        with contextlib.suppress(WebSocketDisconnect):
+            await websocket.send_text('{"type":"init","sessions":[]}')
+            while True:
+                await websocket.send_text((await queue.get()).decode())
+
+    sender = asyncio.ensure_future(send_frames())
+    try:  # until the client leaves
         while (await websocket.receive())["type"] != "websocket.disconnect":
             pass
-
-    reader = asyncio.ensure_future(drain_client())
-    try:
-        while not reader.done():
-            await websocket.send_text((await queue.get()).decode())
-    except WebSocketDisconnect:
-        pass
     finally:
         subscribers.discard(queue)
-        reader.cancel()
+        sender.cancel()
 
 
-app = Starlette(
-    routes=[
-        Route("/sessions", list_sessions, methods=["GET"]),
-        Route("/sessions", create_session, methods=["POST"]),
-        Route("/sessions/{session_id}/events", post_event, methods=["POST"]),
-        Route("/sessions/{session_id}/events", list_events, methods=["GET"]),
-        Route("/events", post_event, methods=["POST"]),
-        Route("/runs", create_run, methods=["POST"]),
-        Route("/runner/register", register, methods=["POST"]),
-        Route("/runner/runs", poll, methods=["GET"]),
-        WebSocketRoute("/ws", ws),
-    ]
-)
+routes = [
+    Route("/sessions", list_sessions, methods=["GET"]),
+    Route("/sessions", create_session, methods=["POST"]),
+    Route("/sessions/{session_id}/events", post_event, methods=["POST"]),
+    Route("/sessions/{session_id}/events", list_events, methods=["GET"]),
+    Route("/events", post_event, methods=["POST"]),
+    Route("/runs", create_run, methods=["POST"]),
+    Route("/runner/register", register, methods=["POST"]),
+    Route("/runner/runs", poll, methods=["GET"]),
+    Route("/runner/runs/{run_id}/started", report, methods=["POST"]),
+    Route("/runner/runs/{run_id}/completed", report, methods=["POST"]),
+    WebSocketRoute("/ws", ws),
+]
+
+
+@contextlib.asynccontextmanager
+async def journaled(app: Starlette):
+    # Beside where the coordinator keeps its database: the same file system.
+    directory = Path(os.environ.get("AGENT_ORCHESTRATOR_PROJECT_DIR", "."))
+    app.state.journal = Journal(directory / "journal.log")
+    try:
+        yield
+    finally:
+        app.state.journal.close()
+
+
+app = Starlette(routes=routes)
+app.state.journal = None
+durable_app = Starlette(routes=routes, lifespan=journaled)

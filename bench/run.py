@@ -1,21 +1,25 @@
-"""The benchmark: every workload against the coordinator and the bare limit app, alternately,
-and the ratio of the two. `python -m bench.run [--quick] [--rounds N] [--database-url URL]`
-(with a URL, the coordinator stores in that PostgreSQL database, a new schema per server).
+"""The benchmark: every workload against the coordinator, the durable limit app and the bare
+limit app, alternately, and the ratios. `python -m bench.run [--quick] [--rounds N]
+[--database-url URL]` (with a URL, the coordinator stores in that PostgreSQL database, a new
+schema per server).
 
 Server and load generator are pinned to different CPUs (when there are two); a load generator
-that uses most of its CPU is flagged, since then it, not the server, sets the pace.
+that uses most of its CPU is flagged, since then it, not the server, sets the pace. Each round
+runs every server once, in an order that rotates from round to round; ratios are taken within
+a round and their median shown.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import os
 import platform
-import statistics
+import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import apsw
 import msgspec
@@ -23,55 +27,42 @@ import msgspec
 from bench.dispatch import dispatch
 from bench.fanout import event_body, fanout
 from bench.harness import (
+    BARE,
     CPUS,
+    DURABLE,
     LOAD_CPU,
+    ROOT,
     LoadResult,
     Server,
-    current_rss_mb,
+    cpu_seconds,
     database_env,
     fetch_all,
     http_load,
-    percentile,
     pin_to,
     request_bytes,
     rss_mb,
 )
+from bench.memory import describe, live_memory
+from bench.results import NAN, Results, fmt, side_by_side, table
 
 INGEST_SESSIONS = [f"ses_ingest{i}" for i in range(4)]
-
-
-@dataclass
-class Sample:
-    throughput: list[float] = field(default_factory=list)
-    p50: list[float] = field(default_factory=list)
-    p99: list[float] = field(default_factory=list)
-    lost: int = 0
-    saturated: bool = False
-
-    def add(self, throughput: float, latencies: list[float]) -> None:
-        self.throughput.append(throughput)
-        self.p50.append(percentile(latencies, 50))
-        self.p99.append(percentile(latencies, 99))
-
-    def median(self, values: list[float]) -> float:
-        return statistics.median(values) if values else float("nan")
 
 
 # -- workloads (each returns throughput and latencies for one server) ----------------------
 
 
-def ingest(port: int, seconds: float, legacy: bool) -> LoadResult:
+def ingest(server: Server, seconds: float, legacy: bool) -> LoadResult:
     def make(worker: int, n: int) -> bytes:
         session_id = INGEST_SESSIONS[worker % len(INGEST_SESSIONS)]
         path = "/events" if legacy else f"/sessions/{session_id}/events"
         return request_bytes("POST", path, event_body(session_id, n))
 
-    return http_load(port, make, concurrency=16, seconds=seconds)
+    return http_load(server.port, make, concurrency=16, seconds=seconds, server_pid=server.pid)
 
 
-def read(port: int, seconds: float, path: str) -> LoadResult:
+def read(server: Server, seconds: float, path: str) -> LoadResult:
     raw = request_bytes("GET", path)
-    return http_load(port, lambda w, n: raw, concurrency=8, seconds=seconds)
+    return http_load(server.port, lambda w, n: raw, concurrency=8, seconds=seconds, server_pid=server.pid)
 
 
 # -- set-up ------------------------------------------------------------------------------
@@ -130,9 +121,161 @@ def seed_million(db_path: Path, events: int) -> None:
 
 # -- the run -----------------------------------------------------------------------------
 
+COORDINATOR, DURABLE_APP, BARE_APP = "coordinator", "durable app", "bare app"
 
-def fmt(value: float, digits: int = 1) -> str:
-    return "-" if value != value else f"{value:.{digits}f}"
+# What the coordinator should reach, as a ratio to the durable app (median of the rounds).
+TARGETS = [
+    ("ingest", "throughput", ">=", 0.75),
+    ("legacy ingest", "throughput", ">=", 0.75),
+    ("dispatch throughput", "throughput", ">=", 0.60),
+    ("dispatch latency (50 runs/s)", "p50", "<=", 1.5),
+    ("fan-out 200 subscribers", "p99", "<=", 1.2),
+]
+METRIC = {"throughput": "/s", "p50": "p50", "p99": "p99"}
+
+
+def versions() -> str:
+    packages = ", ".join(f"{name} {importlib.metadata.version(name)}"
+                         for name in ("uvicorn", "uvloop", "httptools", "starlette", "msgspec", "apsw"))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return f"{packages}, SQLite {apsw.sqlite_lib_version()}; code at {commit.stdout.strip() or '?'}"
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+Workload = Callable[[Server, Results], None]  # runs once against one server, records its numbers
+
+
+def ingest_workload(name: str, legacy: bool, seconds: float) -> Workload:
+    def run(server: Server, results: Results) -> None:
+        r = ingest(server, seconds, legacy)
+        assert r.errors == 0, f"{name}: {r.errors} errors on {server.name}"
+        results.record(name, server.name, r.rps, r.latencies_ms, cpu_us=r.server_cpu_us, saturated=r.cpu_share > 0.9)
+    return run
+
+
+def read_workload(name: str, path: str, seconds: float) -> Workload:
+    def run(server: Server, results: Results) -> None:
+        r = read(server, seconds, path)
+        results.record(name, server.name, r.rps, r.latencies_ms, cpu_us=r.server_cpu_us, saturated=r.cpu_share > 0.9)
+    return run
+
+
+def request_workloads(seconds: float) -> list[Workload]:
+    """Ingest (both routes) and reads."""
+    return [ingest_workload("ingest", False, seconds), ingest_workload("legacy ingest", True, seconds),
+            read_workload("read 100 events", "/sessions/ses_100/events", seconds),
+            read_workload("read 1,000 events", "/sessions/ses_1000/events", seconds),
+            read_workload("read 1,000 sessions", "/sessions", seconds)]
+
+
+def fanout_workloads(sizes, seconds: float) -> list[Workload]:
+    def fanout_to(k: int) -> Workload:
+        def run(server: Server, results: Results) -> None:
+            f = fanout(server.port, k, 200, seconds)
+            results.record(f"fan-out {k} subscribers", server.name, f.posted / seconds, f.latencies_ms, lost=f.lost)
+        return run
+
+    return [fanout_to(k) for k in sizes]
+
+
+def dispatch_workloads(runs: int) -> list[Workload]:
+    def dispatch_at(name: str, rate: float | None, count: int) -> Workload:
+        def run(server: Server, results: Results) -> None:
+            cpu0 = cpu_seconds(server.pid)
+            rps, latencies = dispatch(server.port, count, rate)
+            results.record(name, server.name, rps, latencies, cpu_us=(cpu_seconds(server.pid) - cpu0) / count * 1e6)
+        return run
+
+    return [dispatch_at("dispatch latency (50 runs/s)", 50, runs // 3), dispatch_at("dispatch throughput", None, runs)]
+
+
+def run_rounds(servers: list[Server], workloads: list[Workload], rounds: int) -> Results:
+    """Each workload on every server in turn, so that they share the machine's mood; the order
+    of the servers rotates from round to round."""
+    results = Results()
+    for round_ in range(rounds):
+        print(f"round {round_ + 1}/{rounds} (load {load_average()})", file=sys.stderr)
+        order = servers[round_ % len(servers):] + servers[:round_ % len(servers)]
+        for workload in workloads:
+            for server in order:
+                workload(server, results)
+    return results
+
+
+def seed_reads(server: Server) -> None:
+    seed(server.port, ["ses_100", "ses_1000", *INGEST_SESSIONS], {"ses_100": 100, "ses_1000": 1000}, 1000)
+
+
+def print_report(results: Results, rounds: int, seconds: float, memory: str, peak: float, loads: list[str]) -> None:
+    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {len(CPUS)} CPUs, Python "
+          f"{platform.python_version()}, {versions()}")
+    print(f"{rounds} rounds of {seconds:g} s per workload (median shown); load average (1/5/15 min) "
+          f"{' -> '.join(loads)}\n")
+    servers = [COORDINATOR, DURABLE_APP, BARE_APP]
+
+    def notes(workload: str) -> str:
+        samples = [results.get(workload, server) for server in servers]
+        found = [f"{server} lost {s.lost}" for server, s in zip(servers, samples) if s and s.lost]
+        return "; ".join(found + (["load generator saturated"] if any(s and s.saturated for s in samples) else []))
+
+    print(side_by_side(results, servers, {"notes": notes}))
+
+    print("\nRatios, the coordinator's over each limit app's (median of the rounds' ratios); server CPU "
+          "time per request (per run for dispatch), in µs:\n")
+    rows = []
+    for workload in results.workloads():
+        if not results.get(workload, DURABLE_APP):
+            continue
+        row = [workload]
+        for other in (DURABLE_APP, BARE_APP):
+            row += [fmt(results.ratio(workload, COORDINATOR, other, metric), 2) for metric in ("throughput", "p50", "p99")]
+        row.append(" / ".join(fmt(results.median(workload, server, "cpu_us"), 0) for server in servers))
+        rows.append(row)
+    print(table(["workload", "÷ durable /s", "p50", "p99", "÷ bare /s", "p50", "p99",
+                 "CPU µs: coordinator / durable / bare"], rows))
+
+    print("\nTargets (the coordinator over the durable app):\n")
+    rows = []
+    for workload, metric, compare, bound in TARGETS:
+        per_round = results.per_round_ratios(workload, COORDINATOR, DURABLE_APP, metric)
+        value = results.ratio(workload, COORDINATOR, DURABLE_APP, metric)
+        met = "-" if value != value else "met" if (value >= bound if compare == ">=" else value <= bound) else "NOT met"
+        # On a shared machine a server gets what CPU the others leave it: the ratio of CPU time
+        # per request says what the throughput ratio would be with the core to itself.
+        by_cpu = results.ratio(workload, DURABLE_APP, COORDINATOR, "cpu_us") if metric == "throughput" else NAN
+        rows.append([f"{workload} {METRIC[metric]}", f"{compare} {bound:g}", fmt(value, 2),
+                     ", ".join(fmt(r, 2) for r in per_round), met, fmt(by_cpu, 2)])
+    print(table(["target", "bound", "median", "rounds", "result", "by CPU time per request"], rows))
+    print(f"\ncoordinator RSS: {memory}; peak of the rounds {peak:.0f} MB")
+
+
+def growth(events: int, rounds: int, seconds: float, database_url: str | None) -> Results:
+    """Ingest and a 100-event read on an empty database and on one with `events` stored."""
+    servers = []
+    for count in (0, events):
+        server = Server("empty" if not count else f"{count:,} events", env=database_env(database_url))
+        if count and database_url:
+            seed_million_postgres(server.env["COORDINATOR_DATABASE_URL"], count)
+        elif count:
+            database = server.prepare() / ".agent-orchestrator" / "observability.db"
+            database.parent.mkdir()
+            seed_million(database, count)
+        servers.append(server)
+    print("growth", file=sys.stderr)
+    for server in servers:
+        server.start()
+    try:
+        for server in servers:
+            seed(server.port, ["ses_100", *INGEST_SESSIONS], {"ses_100": 100})
+        workloads = [ingest_workload("ingest", False, seconds),
+                     read_workload("read 100 events", "/sessions/ses_100/events", seconds)]
+        return run_rounds(servers, workloads, rounds)
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def main() -> None:
@@ -147,89 +290,39 @@ def main() -> None:
     seconds = 0.5 if quick else 3.0
     fan_sizes = (1, 10) if quick else (1, 50, 200)
     fan_seconds = 0.5 if quick else 4.0
-    dispatch_runs = 20 if quick else 300
+    dispatch_runs = 30 if quick else 900
     growth_events = 10_000 if quick else 1_000_000
     pin_to(LOAD_CPU)
+    loads = [load_average()]
 
-    results: dict[tuple[str, str], Sample] = {}
-    memory: dict[str, float] = {}
+    servers = [Server(env=database_env(database_url)), Server(DURABLE_APP, DURABLE), Server(BARE_APP, BARE)]
+    for server in servers:
+        server.start()
+    try:
+        for server in servers:
+            seed_reads(server)
+        workloads = request_workloads(seconds) + fanout_workloads(fan_sizes, fan_seconds) + dispatch_workloads(dispatch_runs)
+        results = run_rounds(servers, workloads, rounds)
+        peak = rss_mb(servers[0].pid)
+    finally:
+        for server in servers:
+            server.stop()
 
-    def record(workload: str, server: Server, throughput: float, latencies: list[float], cpu=0.0, lost=0):
-        sample = results.setdefault((workload, server.name), Sample())
-        sample.add(throughput, latencies)
-        sample.lost += lost
-        sample.saturated |= cpu > 0.9
-
-    coordinator, limit = Server(env=database_env(database_url)), Server(limit=True)
-    with coordinator, limit:
-        memory["idle"] = current_rss_mb(coordinator.proc.pid)
-        for server in (coordinator, limit):
-            seed(server.port, ["ses_100", "ses_1000", *INGEST_SESSIONS], {"ses_100": 100, "ses_1000": 1000}, 1000)
-        for round_ in range(rounds):
-            print(f"round {round_ + 1}/{rounds}", file=sys.stderr)
-            for server in (coordinator, limit):
-                for name, legacy in (("ingest", False), ("legacy ingest", True)):
-                    r = ingest(server.port, seconds, legacy)
-                    assert r.errors == 0, f"{name}: {r.errors} errors on {server.name}"
-                    record(name, server, r.rps, r.latencies_ms, r.cpu_share)
-                if server is coordinator:
-                    memory["ingest"] = max(memory.get("ingest", 0), current_rss_mb(coordinator.proc.pid))
-                for name, path in (("read 100 events", "/sessions/ses_100/events"),
-                                   ("read 1,000 events", "/sessions/ses_1000/events"),
-                                   ("read 1,000 sessions", "/sessions")):
-                    r = read(server.port, seconds, path)
-                    record(name, server, r.rps, r.latencies_ms, r.cpu_share)
-                for k in fan_sizes:
-                    before = current_rss_mb(server.proc.pid)
-                    f = fanout(server.port, k, 200, fan_seconds, probe=lambda: current_rss_mb(server.proc.pid))
-                    record(f"fan-out {k} subscribers", server, f.posted / fan_seconds, f.latencies_ms, lost=f.lost)
-                    if server is coordinator and k == fan_sizes[-1]:
-                        memory["subscribers"] = max(memory.get("subscribers", 0), f.probed - before)
-                rps, lat = dispatch(server.port, dispatch_runs, 50)
-                record("dispatch latency (50 runs/s)", server, rps, lat)
-                rps, lat = dispatch(server.port, dispatch_runs, None)
-                record("dispatch throughput", server, rps, lat)
-        memory["peak"] = rss_mb(coordinator.proc.pid)
-
-    # Growth: the same ingest and read on an empty database and on one with many events.
-    for label, events in (("empty", 0), (f"{growth_events:,} events", growth_events)):
-        server = Server(env=database_env(database_url))
-        server.project_dir = Path(tempfile.mkdtemp(prefix="bench-growth-"))
-        (server.project_dir / ".agent-orchestrator").mkdir()
-        if events and database_url:
-            seed_million_postgres(server.env["COORDINATOR_DATABASE_URL"], events)
-        elif events:
-            seed_million(server.project_dir / ".agent-orchestrator" / "observability.db", events)
-        with server:
-            seed(server.port, ["ses_100", *INGEST_SESSIONS], {"ses_100": 100})
-            for _ in range(rounds):
-                r = ingest(server.port, seconds, False)
-                record(f"growth ingest, {label}", server, r.rps, r.latencies_ms, r.cpu_share)
-                r = read(server.port, seconds, "/sessions/ses_100/events")
-                record(f"growth read 100, {label}", server, r.rps, r.latencies_ms, r.cpu_share)
-
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {len(CPUS)} CPUs, Python "
-          f"{platform.python_version()}, {rounds} rounds of {seconds:g} s (median shown)\n")
-    print("| workload | coordinator /s | p50 ms | p99 ms | limit app /s | p50 ms | p99 ms | ratio /s | p99 ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for workload in dict.fromkeys(w for w, _ in results):
-        a = results.get((workload, "coordinator"))
-        b = results.get((workload, "limit app"))
-        cells = [workload]
-        for s in (a, b):
-            cells += [fmt(s.median(s.throughput), 0), fmt(s.median(s.p50), 2), fmt(s.median(s.p99), 2)] if s \
-                else ["-", "-", "-"]
-        if a and b:
-            cells += [fmt(a.median(a.throughput) / b.median(b.throughput), 2),
-                      fmt(a.median(a.p99) / b.median(b.p99), 2)]
+    print("live-stream memory", file=sys.stderr)
+    with Server(env=database_env(database_url)) as server:
+        if quick:
+            memory = describe(live_memory(server, 20, 2, 2, seconds=0.5, flat_for=0.5))
         else:
-            cells += ["-", "-"]
-        notes = [f"lost {s.lost}" for s in (a, b) if s and s.lost]
-        notes += ["load generator saturated"] if any(s and s.saturated for s in (a, b)) else []
-        print("| " + " | ".join(cells) + " |" + (f" {'; '.join(notes)}" if notes else ""))
-    print(f"\ncoordinator RSS: idle {memory['idle']:.0f} MB, after ingest {memory['ingest']:.0f} MB, "
-          f"+{memory['subscribers']:.0f} MB while {fan_sizes[-1]} subscribers stream, peak of the whole run "
-          f"{memory['peak']:.0f} MB")
+            memory = describe(live_memory(server))
+
+    growth_results = growth(growth_events, rounds, seconds, database_url)
+    loads.append(load_average())
+    print_report(results, rounds, seconds, memory, peak, loads)
+    print(f"\nGrowth: the same ingest and read on an empty database and on one with {growth_events:,} events "
+          "(both servers in each round):\n")
+    empty, full = growth_results.servers()
+    print(side_by_side(growth_results, [empty, full],
+                       {"ratio /s": lambda w: fmt(growth_results.ratio(w, full, empty, "throughput"), 2)}))
 
 
 if __name__ == "__main__":
