@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
@@ -26,7 +27,7 @@ import random
 import re
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import anyio
 import psycopg
@@ -38,6 +39,7 @@ from store import changes
 from store.errors import DatabaseTooNew, DatabaseUnusable, Rejected, StorageFailed, StorageFull
 
 log = logging.getLogger("coordinator.store")
+_jitter = random.Random()  # its own: the global generator belongs to the application
 
 T = TypeVar("T")
 Verb = Callable[..., T]
@@ -45,7 +47,7 @@ Verb = Callable[..., T]
 POOL_SIZE = 10
 CONNECT_TIMEOUT = 10  # seconds, to reach the server at all
 POOL_TIMEOUT = 10.0  # seconds a verb may wait for a free connection
-MAX_ATTEMPTS = 20  # runs of a write that keeps losing serialization conflicts
+MAX_ATTEMPTS = 30  # runs of a write that keeps losing serialization conflicts
 DELIVERY_WAIT = 5.0  # seconds a write waits for the tail to hand its changes over
 CHANNEL = "coordinator_changes"
 
@@ -331,6 +333,22 @@ def _configure(conn: psycopg.Connection) -> None:
     conn.commit()
 
 
+@contextlib.contextmanager
+def _taking_turns(raw: psycopg.Connection) -> Iterator[None]:
+    """For a write running again after a conflict: writes that keep colliding on one hot row
+    (the same session upserted by many hook calls) take turns instead of starving each other.
+    The lock is the session's, taken in a transaction of its own before the write's begins, so
+    the write's snapshot is taken once its turn has come."""
+    raw.execute("SELECT pg_advisory_lock(hashtext('coordinator_retry:' || current_schema()))")
+    raw.commit()
+    try:
+        yield
+    finally:
+        if not raw.broken:  # a broken connection's session, and its lock, are gone
+            raw.execute("SELECT pg_advisory_unlock(hashtext('coordinator_retry:' || current_schema()))")
+            raw.commit()
+
+
 def _storage_error(exc: Exception, writing: bool) -> Exception:
     """PostgreSQL's faults as the store errors answered 507, 503 and 400; anything else as it is."""
     if isinstance(exc, DiskFull):
@@ -399,8 +417,9 @@ class PostgresDatabase:
             try:
                 with self._pool.connection() as raw:
                     raw.isolation_level, raw.read_only = IsolationLevel.SERIALIZABLE, False
-                    with raw.transaction():
-                        result = fn(Connection(raw), *args, **kwargs)
+                    with _taking_turns(raw) if attempt > 1 else contextlib.nullcontext():
+                        with raw.transaction():
+                            result = fn(Connection(raw), *args, **kwargs)
                 recorded = changes.take()
                 return result, max((change.cursor for change in recorded), default=0)
             except (SerializationFailure, DeadlockDetected) as exc:
@@ -408,7 +427,7 @@ class PostgresDatabase:
                 if attempt == MAX_ATTEMPTS:
                     log.error("a write gave up after %d serialization conflicts: %s", attempt, one_line(exc))
                     raise StorageFailed("Too many conflicting writes: nothing was stored; retry later") from exc
-                time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))  # let the winner finish
+                time.sleep(_jitter.uniform(0, min(0.02, 0.0005 * 2**attempt)))  # let the winner finish
             except Exception as exc:
                 changes.take()
                 error = _storage_error(exc, writing=True)
