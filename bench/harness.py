@@ -55,6 +55,21 @@ def current_rss_mb(pid: int) -> float:
     return _status_mb(pid, "VmRSS")
 
 
+def stat_cpu_seconds(stat: str) -> float:
+    """User + system CPU time from the text of a /proc/.../stat file."""
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process (every thread) has used so far."""
+    return stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
+
+
+BARE = "bench.limit_app:app"
+DURABLE = "bench.limit_app:durable_app"
+
+
 def database_env(url: str | None) -> dict[str, str]:
     """The coordinator's environment for a run on PostgreSQL (`--database-url`): a new, empty
     schema of that database for each server, as each SQLite server gets a new project dir.
@@ -69,21 +84,6 @@ def database_env(url: str | None) -> dict[str, str]:
     parts = urllib.parse.urlsplit(url)
     query = "&".join(filter(None, [parts.query, urllib.parse.urlencode({"options": f"-csearch_path={schema}"})]))
     return {"COORDINATOR_DATABASE_URL": urllib.parse.urlunsplit(parts._replace(query=query))}
-
-
-def stat_cpu_seconds(stat: str) -> float:
-    """User + system CPU time from the text of a /proc/.../stat file."""
-    fields = stat.rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time a process (every thread) has used so far."""
-    return stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
-
-
-BARE = "bench.limit_app:app"
-DURABLE = "bench.limit_app:durable_app"
 
 
 @dataclass

@@ -294,7 +294,7 @@ def main() -> None:
     pin_to(LOAD_CPU)
     loads = [load_average()]
 
-    servers = [Server(env=database_env(args.database_url)), Server(DURABLE_APP, DURABLE), Server(BARE_APP, BARE)]
+    servers = [Server(env=database_env(database_url)), Server(DURABLE_APP, DURABLE), Server(BARE_APP, BARE)]
     for server in servers:
         server.start()
     try:
@@ -308,13 +308,13 @@ def main() -> None:
             server.stop()
 
     print("live-stream memory", file=sys.stderr)
-    with Server(env=database_env(args.database_url)) as server:
+    with Server(env=database_env(database_url)) as server:
         if quick:
             memory = describe(live_memory(server, 20, 2, 2, seconds=0.5, flat_for=0.5))
         else:
             memory = describe(live_memory(server))
 
-    growth_results = growth(growth_events, rounds, seconds, args.database_url)
+    growth_results = growth(growth_events, rounds, seconds, database_url)
     loads.append(load_average())
     print_report(results, rounds, seconds, memory, peak, loads)
     print(f"\nGrowth: the same ingest and read on an empty database and on one with {growth_events:,} events "

@@ -26,9 +26,13 @@ sys.path[:0] = [sys.argv[1]]
 os.sched_setaffinity(0, {int(sys.argv[2])})
 events_per_setting = int(sys.argv[3])
 import msgspec
-from models import Event
 from store import events, sessions
-from store.db import Database
+try:
+    from store.models import Event
+    from store.sqlite import SqliteDatabase as Database
+except ImportError:  # a tree from before the layout of store/sqlite.py and store/models.py
+    from models import Event
+    from store.db import Database
 
 def cpu(tid):
     fields = open(f"/proc/self/task/{tid}/stat").read().rpartition(")")[2].split()

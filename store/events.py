@@ -71,7 +71,7 @@ def append_legacy_event(conn: Connection, event: Event, extra: str | None = None
     if event.event_type == "session_start":
         conn.execute(
             "INSERT INTO sessions (session_id, status, created_at) VALUES (?, 'running', ?)"
-            " ON CONFLICT (session_id) DO UPDATE SET status = 'running'",
+            " ON CONFLICT (session_id) DO UPDATE SET status = 'running' WHERE sessions.status <> 'running'",
             (event.session_id, event.timestamp),
         )
     elif get_session(conn, event.session_id) is None:

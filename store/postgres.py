@@ -28,7 +28,7 @@ import random
 import re
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import anyio
 import psycopg
@@ -41,6 +41,7 @@ from store import changes
 from store.errors import DatabaseTooNew, DatabaseUnusable, Rejected, StorageFailed, StorageFull
 
 log = logging.getLogger("coordinator.store")
+_jitter = random.Random()  # its own: the global generator belongs to the application
 
 T = TypeVar("T")
 Verb = Callable[..., T]
@@ -48,7 +49,7 @@ Verb = Callable[..., T]
 POOL_SIZE = 10
 CONNECT_TIMEOUT = 10  # seconds, to reach the server at all
 POOL_TIMEOUT = 10.0  # seconds a verb may wait for a free connection
-MAX_ATTEMPTS = 20  # runs of a write that keeps losing serialization conflicts
+MAX_ATTEMPTS = 30  # runs of a write that keeps losing serialization conflicts
 DELIVERY_WAIT = 5.0  # seconds a write waits for the tail to hand its changes over
 CHANNEL = "coordinator_changes"
 
@@ -334,6 +335,22 @@ def _configure(conn: psycopg.Connection) -> None:
     conn.commit()
 
 
+@contextlib.contextmanager
+def _taking_turns(raw: psycopg.Connection) -> Iterator[None]:
+    """For a write running again after a conflict: writes that keep colliding on one hot row
+    (the same session upserted by many hook calls) take turns instead of starving each other.
+    The lock is the session's, taken in a transaction of its own before the write's begins, so
+    the write's snapshot is taken once its turn has come."""
+    raw.execute("SELECT pg_advisory_lock(hashtext('coordinator_retry:' || current_schema()))")
+    raw.commit()
+    try:
+        yield
+    finally:
+        if not raw.broken:  # a broken connection's session, and its lock, are gone
+            raw.execute("SELECT pg_advisory_unlock(hashtext('coordinator_retry:' || current_schema()))")
+            raw.commit()
+
+
 def _storage_error(exc: Exception, writing: bool) -> Exception:
     """PostgreSQL's faults as the store errors answered 507, 503 and 400; anything else as it is."""
     if isinstance(exc, DiskFull):
@@ -403,8 +420,9 @@ class PostgresDatabase:
             try:
                 with self._pool.connection() as raw:
                     raw.isolation_level, raw.read_only = IsolationLevel.SERIALIZABLE, False
-                    with raw.transaction():
-                        result = fn(Connection(raw), *args, **kwargs)
+                    with _taking_turns(raw) if attempt > 1 else contextlib.nullcontext():
+                        with raw.transaction():
+                            result = fn(Connection(raw), *args, **kwargs)
                 recorded = changes.take()
                 return result, max((change.cursor for change in recorded), default=0)
             except (SerializationFailure, DeadlockDetected) as exc:
@@ -412,7 +430,7 @@ class PostgresDatabase:
                 if attempt == MAX_ATTEMPTS:
                     log.error("a write gave up after %d serialization conflicts: %s", attempt, one_line(exc))
                     raise StorageFailed("Too many conflicting writes: nothing was stored; retry later") from exc
-                time.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))  # let the winner finish
+                time.sleep(_jitter.uniform(0, min(0.02, 0.0005 * 2**attempt)))  # let the winner finish
             except Exception as exc:
                 changes.take()
                 error = _storage_error(exc, writing=True)
@@ -542,7 +560,9 @@ class ChangeTail:
        over; it never passes a row that could still commit.
 
     Usually the snapshot of (2) finds nothing in progress and L settles at once. Otherwise the
-    pair (L, N) waits for later snapshots. The tail wakes on LISTEN/NOTIFY (a trigger notifies in every
+    pair (L, N) waits for later snapshots. (A transaction id kept on each row would not do: a
+    transaction may get its id before another and its cursor after it, so a row whose
+    transaction is older than every one in progress can still be passed by a cursor in flight.) The tail wakes on LISTEN/NOTIFY (a trigger notifies in every
     transaction that records a change, delivered at its commit), polls while a pair waits for
     transactions that notify nobody (those that record nothing, or roll back), and polls every
     SAFETY_POLL seconds in any case. A transaction left open anywhere on the same server (the

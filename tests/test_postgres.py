@@ -231,6 +231,10 @@ def fill_sqlite(project_dir: Path) -> dict:
             server.post("/sessions/a/events", event("a", tool_input={"n": n, "text": "é\u0000"}))
         server.post("/sessions/gone/events", event("gone"))
         assert server.delete("/sessions/gone").status_code == 200  # the watermark moves
+        server.post("/sessions/a/events", {**event("a", reason="open"), "model": "m", "usage": {"tokens": 3}})
+        asked = {"session_id": "b", "tool_name": "Bash", "tool_input": {"c": "ls"}}
+        approval = server.post("/approvals", asked).json()["approval"]
+        server.post(f"/approvals/{approval['approval_id']}", {"decision": "allow", "reason": "fine"})
         server.post("/sessions/a/events", event("a", "session_stop"))
         runner = server.post("/runner/register", {"hostname": "h", "project_dir": "/p", "executor_type": "x"}).json()
         server.post("/runs", {"type": "start_session", "prompt": "go"})
@@ -241,7 +245,8 @@ def fill_sqlite(project_dir: Path) -> dict:
 
 
 def answers(server) -> dict:
-    got = {path: server.get(path).json() for path in ("/sessions", "/sessions/a/events", "/runs", "/events/b")}
+    paths = ("/sessions", "/sessions/a/events", "/runs", "/events/b", "/approvals")
+    got = {path: server.get(path).json() for path in paths}
     runners = server.get("/runners").json()["runners"]
     got["/runners"] = [{k: v for k, v in r.items() if k != "seconds_since_heartbeat"} for r in runners]
     with connect(server.url.replace("http", "ws") + "/ws?since=0") as ws:
@@ -259,12 +264,15 @@ def test_copy_db_moves_everything_and_clients_carry_on(tmp_path, pg_url):
     project = tmp_path / "project"
     before = fill_sqlite(project)
     assert before["replay"][0] == {"type": "replay_gap", "since": 0, "earliest": 1, "cursor": 0}
-    assert len(before["replay"]) == 15 and len(before["/sessions/a/events"]["events"]) == 6
+    assert len(before["replay"]) == 18 and len(before["/sessions/a/events"]["events"]) == 7
+    assert before["/sessions/a/events"]["events"][-2]["usage"] == {"tokens": 3}  # an open event's own keys
+    assert [a["status"] for a in before["/approvals"]["approvals"]] == ["decided"]
 
     done = command({"AGENT_ORCHESTRATOR_PROJECT_DIR": str(project)}, "copy-db", "--to", pg_url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"copied {project}/.agent-orchestrator/observability.db to {redact_url(pg_url)}:"
-                                  " 5 sessions, 6 events, 2 runs, 1 runners, 1 runner_stops")
+                                  " 5 sessions, 7 events, 2 runs, 1 runners, 1 runner_stops")
+    assert done.stdout.rstrip().endswith(" 1 approvals")
 
     with ServerProcess(project, COORDINATOR_DATABASE_URL=pg_url, RUNNER_POLL_TIMEOUT="0.2",
                        RUN_RECOVERY_MODE="none") as server:
@@ -283,7 +291,7 @@ def test_copy_db_moves_everything_and_clients_carry_on(tmp_path, pg_url):
     assert refused.returncode == 1
     assert refused.stderr.splitlines() == [
         "agent-coordinator: copy-db refused: the target database is not empty (sessions, events, runs, runners,"
-        " runner_stops, changes): copy into an empty database"
+        " runner_stops, changes, approvals): copy into an empty database"
     ]
 
 

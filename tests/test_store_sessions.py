@@ -2,6 +2,8 @@
 `Database` (the run, runner and callback verbs are in test_store_runs, retention in
 test_retention)."""
 
+import threading
+
 import msgspec
 import pytest
 
@@ -189,3 +191,23 @@ def test_counts_by_status(store_db):
         "INSERT INTO runners (runner_id, registered_at, last_heartbeat, hostname, project_dir, executor_type)"
         " VALUES ('r', 't', 't', 'h', '/p', 'x')"))
     assert store_db.read_sync(stats.status_counts) == {"runs": {}, "runners": {"online": 1}}
+
+
+def test_writes_colliding_on_one_row_all_commit(store_db):
+    """PostgreSQL runs writes side by side: those that lose a conflict on the one row run again
+    (taking turns), and every one of them commits, as with SQLite's single writer."""
+    store_db.write_sync(sessions.create_session, "hot")
+    names = [f"{t}-{i}" for t in range(8) for i in range(25)]
+
+    def patch(t: int) -> None:
+        for name in names[t * 25:(t + 1) * 25]:
+            assert store_db.write_sync(sessions.update_metadata, "hot", agent_name=name).agent_name == name
+
+    threads = [threading.Thread(target=patch, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    updates = [t for _, t, _ in log(store_db)].count("session_updated")
+    assert updates == len(names)
+    assert store_db.read_sync(sessions.get_session, "hot").agent_name in names
