@@ -40,6 +40,10 @@ from store.errors import DatabaseUnusable
 
 log = logging.getLogger("coordinator")
 
+# Seconds a live subscriber resuming from a cursor this process has not fanned out yet waits for
+# it (another process handed it out a moment ago), before it is taken as beyond the newest.
+RESUME_WAIT = 2.0
+
 
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the ASGI app; the store and background tasks live only inside its lifespan."""
@@ -56,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             queue_size=settings.broadcast_queue_size,
             buffer_bytes=settings.subscriber_buffer_bytes,
             max_subscribers=settings.max_subscribers,
+            resume_wait=RESUME_WAIT if db.shared else 0.0,
         )
         # Changes handed over before this assignment wait in the loop until the broadcaster runs.
         broadcaster.cursor = await anyio.to_thread.run_sync(db.start_changes, broadcaster.committed)
@@ -69,9 +74,19 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.approvals = approval_broker = ApprovalBroker(db, settings)
         # Set once the server begins to shut down (see Server): held polls and streams end then.
         app.state.shutting_down = asyncio.Event()
+        # Wake-ups from the other processes serving the database (a runner id, None: all runners,
+        # or an approval decided) arrive on a thread of the store.
+        def woken(target: str | None) -> None:
+            if target is None or not approval_broker.signalled(target):
+                dispatcher.wake_here(target)
+
+        loop = asyncio.get_running_loop()
+        alone = await anyio.to_thread.run_sync(db.join, lambda target: loop.call_soon_threadsafe(woken, target))
+        if settings.database_url is not None:
+            log.info("serving the database %s", "alone" if alone else "beside other coordinators")
         try:
-            await dispatcher.recover()
-            await approval_broker.expire_held()
+            await dispatcher.recover(alone)
+            await approval_broker.expire_held(alone)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(broadcaster.run)
                 tasks.start_soon(dispatcher.close_when, app.state.shutting_down)

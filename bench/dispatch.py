@@ -16,7 +16,7 @@ import time
 
 import msgspec
 
-from bench.harness import LOAD_CPU, Server, exchange, percentile, pin_to, request_bytes
+from bench.harness import LOAD_CPU, Server, exchange, percentile, pin_to, ports_of, request_bytes
 
 RUNNERS = 4
 
@@ -32,7 +32,8 @@ class _Poll(msgspec.Struct):
 _claimed_run = msgspec.json.Decoder(_Poll).decode
 
 
-async def _dispatch(port: int, runs: int, rate: float | None) -> tuple[float, list[float]]:
+async def _dispatch(port: int | list[int], runs: int, rate: float | None) -> tuple[float, list[float]]:
+    ports = ports_of(port)
     created: dict[str, float] = {}
     claimed: dict[str, float] = {}
     completed = 0
@@ -41,7 +42,7 @@ async def _dispatch(port: int, runs: int, rate: float | None) -> tuple[float, li
 
     async def runner(index: int) -> None:
         nonlocal completed
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports[index % len(ports)])
         identity = {"hostname": f"bench-{index}-{time.time()}", "project_dir": "/bench", "executor_type": "bench"}
         _, reply = await exchange(reader, writer, request_bytes("POST", "/runner/register", msgspec.json.encode(identity)))
         runner_id = msgspec.json.decode(reply)["runner_id"]
@@ -69,7 +70,8 @@ async def _dispatch(port: int, runs: int, rate: float | None) -> tuple[float, li
     pollers = [asyncio.ensure_future(runner(i)) for i in range(RUNNERS)]
     await registered.wait()
     await asyncio.sleep(0.05)  # the polls are on their way: let them park
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    clients = [await asyncio.open_connection("127.0.0.1", each) for each in ports]
+    reader, writer = clients[0]
     # Runs resume one session, so the benchmark does not grow the session list other workloads read.
     await exchange(reader, writer, request_bytes("POST", "/sessions", b'{"session_id":"ses_dispatch"}'))  # 409 later
     create = request_bytes(
@@ -80,7 +82,7 @@ async def _dispatch(port: int, runs: int, rate: float | None) -> tuple[float, li
         for n in range(runs):
             if rate:
                 await asyncio.sleep(max(0.0, start + n / rate - time.perf_counter()))
-            _, reply = await exchange(reader, writer, create)
+            _, reply = await exchange(*clients[n % len(clients)], create)
             created[msgspec.json.decode(reply)["run_id"]] = time.perf_counter()
         # A runner that failed ends the wait at once, with its error.
         await asyncio.wait([asyncio.ensure_future(done.wait()), *pollers], timeout=60,
@@ -94,14 +96,16 @@ async def _dispatch(port: int, runs: int, rate: float | None) -> tuple[float, li
         elapsed = time.perf_counter() - start
         for task in pollers:
             task.cancel()
-        writer.close()
+        for _, each in clients:
+            each.close()
     latencies = [(claimed[run_id] - at) * 1000 for run_id, at in created.items() if run_id in claimed]
     return completed / elapsed, latencies
 
 
-def dispatch(port: int, runs: int, rate: float | None) -> tuple[float, list[float]]:
+def dispatch(port: int | list[int], runs: int, rate: float | None) -> tuple[float, list[float]]:
     """`runs` runs created at `rate` per second (None: back to back) while 4 runners poll, start
-    and complete them: completed runs per second and create→claim latencies in ms."""
+    and complete them (runners and creations spread round-robin over several ports, if given):
+    completed runs per second and create→claim latencies in ms."""
     return asyncio.run(_dispatch(port, runs, rate))
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from bench.harness import LOAD_CPU, Server, exchange, percentile, pin_to, request_bytes
+from bench.harness import LOAD_CPU, Server, exchange, percentile, pin_to, ports_of, request_bytes
 
 
 class _Data(msgspec.Struct):
@@ -83,9 +83,11 @@ class FanoutResult:
     probed: float | None  # what `probe` returned while every subscriber was still connected
 
 
-async def _fanout(port: int, subscribers: int, rate: float, seconds: float, stalled: int, probe) -> FanoutResult:
+async def _fanout(port: int | list[int], subscribers: int, rate: float, seconds: float, stalled: int,
+                  probe) -> FanoutResult:
+    ports = ports_of(port)
     session_id = "ses_fanout"
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", ports[0])
     writer.write(request_bytes("POST", "/sessions", msgspec.json.encode({"session_id": session_id})))
     await reader.readuntil(b"\r\n\r\n")  # 200 or 409 (exists): either way the session is there
     writer.close()
@@ -94,9 +96,9 @@ async def _fanout(port: int, subscribers: int, rate: float, seconds: float, stal
     seen = [set() for _ in range(subscribers)]
     tasks, conns = [], []
     ready = asyncio.Semaphore(0)
-    stalled_conns = [await _open_ws(port, "/ws", rcvbuf=4096) for _ in range(stalled)]
+    stalled_conns = [await _open_ws(ports[n % len(ports)], "/ws", rcvbuf=4096) for n in range(stalled)]
     for index in range(subscribers):
-        r, w = await _open_ws(port, "/ws")
+        r, w = await _open_ws(ports[index % len(ports)], "/ws")
         conns.append((r, w))  # a writer that is garbage-collected closes its connection
 
         def on_event(seq, sent_at, index=index):
@@ -107,7 +109,7 @@ async def _fanout(port: int, subscribers: int, rate: float, seconds: float, stal
     for _ in range(subscribers):  # everyone has its init: the stream is live
         await ready.acquire()
 
-    posters = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+    posters = [await asyncio.open_connection("127.0.0.1", ports[n % len(ports)]) for n in range(4)]
     locks = [asyncio.Lock() for _ in posters]
     errors = 0
 
@@ -140,7 +142,7 @@ async def _fanout(port: int, subscribers: int, rate: float, seconds: float, stal
     return FanoutResult(subscribers, total, latencies, lost, errors, probed)
 
 
-def fanout(port: int, subscribers: int, rate: float = 200, seconds: float = 5, stalled: int = 0,
+def fanout(port: int | list[int], subscribers: int, rate: float = 200, seconds: float = 5, stalled: int = 0,
            probe=None) -> FanoutResult:
     return asyncio.run(_fanout(port, subscribers, rate, seconds, stalled, probe))
 

@@ -195,14 +195,21 @@ class LoadResult:
         return self.requests / self.seconds
 
 
-async def _load(port: int, make_request, concurrency: int, seconds: float, server_pid: int | None) -> LoadResult:
+def ports_of(port: int | list[int]) -> list[int]:
+    """One server's port, or the ports of several serving one database (load spread round-robin)."""
+    return [port] if isinstance(port, int) else port
+
+
+async def _load(port: int | list[int], make_request, concurrency: int, seconds: float,
+                server_pid: int | None) -> LoadResult:
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
 
     async def worker(index: int) -> None:
         nonlocal errors
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        ports = ports_of(port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports[index % len(ports)])
         n = 0
         try:
             while time.perf_counter() < stop_at:
@@ -226,11 +233,11 @@ async def _load(port: int, make_request, concurrency: int, seconds: float, serve
                       server_cpu / max(1, len(latencies)) * 1e6)
 
 
-def http_load(port: int, make_request, concurrency: int = 16, seconds: float = 3.0,
+def http_load(port: int | list[int], make_request, concurrency: int = 16, seconds: float = 3.0,
               server_pid: int | None = None) -> LoadResult:
-    """Closed-loop load: `concurrency` keep-alive connections, each sending
-    `make_request(worker_index, n)` (raw request bytes) back to back for `seconds`; with
-    `server_pid`, the server's CPU time per request too."""
+    """Closed-loop load: `concurrency` keep-alive connections (spread over the ports, if several),
+    each sending `make_request(worker_index, n)` (raw request bytes) back to back for `seconds`;
+    with `server_pid`, the server's CPU time per request too."""
     return asyncio.run(_load(port, make_request, concurrency, seconds, server_pid))
 
 

@@ -101,7 +101,7 @@ def seed_million_postgres(url: str, events: int) -> None:
 def seed_million(db_path: Path, events: int) -> None:
     """Write `events` stored events straight into a fresh database (the server is not running)."""
     conn = apsw.Connection(str(db_path))
-    from store.sqlite import migrate
+    from store.db import migrate
 
     migrate(conn)
     payload = event_body("ses_big", 0)
@@ -282,9 +282,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--database-url", metavar="URL", help="run the coordinator on this PostgreSQL database")
+    parser.add_argument("--database-url", help="store in this PostgreSQL database (default: SQLite)")
     args = parser.parse_args()
-    database_url = args.database_url
     quick = args.quick
     rounds = 1 if quick else args.rounds
     seconds = 0.5 if quick else 3.0
@@ -295,7 +294,7 @@ def main() -> None:
     pin_to(LOAD_CPU)
     loads = [load_average()]
 
-    servers = [Server(env=database_env(database_url)), Server(DURABLE_APP, DURABLE), Server(BARE_APP, BARE)]
+    servers = [Server(env=database_env(args.database_url)), Server(DURABLE_APP, DURABLE), Server(BARE_APP, BARE)]
     for server in servers:
         server.start()
     try:
@@ -309,13 +308,13 @@ def main() -> None:
             server.stop()
 
     print("live-stream memory", file=sys.stderr)
-    with Server(env=database_env(database_url)) as server:
+    with Server(env=database_env(args.database_url)) as server:
         if quick:
             memory = describe(live_memory(server, 20, 2, 2, seconds=0.5, flat_for=0.5))
         else:
             memory = describe(live_memory(server))
 
-    growth_results = growth(growth_events, rounds, seconds, database_url)
+    growth_results = growth(growth_events, rounds, seconds, args.database_url)
     loads.append(load_average())
     print_report(results, rounds, seconds, memory, peak, loads)
     print(f"\nGrowth: the same ingest and read on an empty database and on one with {growth_events:,} events "

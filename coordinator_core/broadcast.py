@@ -177,8 +177,13 @@ class Broadcaster:
         queue_size: int = 1000,
         buffer_bytes: int = 4 * 1024 * 1024,
         max_subscribers: int = 1000,
+        resume_wait: float = 0.0,
     ):
         self.cursor = cursor
+        # Seconds a resume cursor beyond `cursor` may wait for it (`reach`): with several
+        # processes on one database, one handed out by another may be a moment ahead of this one.
+        self.resume_wait = resume_wait
+        self._advanced: asyncio.Event | None = None  # set once `cursor` moves, for `reach`
         self.queue_size = queue_size
         self.buffer_bytes = buffer_bytes
         self.max_subscribers = max_subscribers
@@ -216,6 +221,15 @@ class Broadcaster:
         """The changes of one commit, in order; from any thread, called in commit order."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
             self._loop.call_soon_threadsafe(self._inbox.put_nowait, changes)
+
+    async def reach(self, cursor: int) -> None:
+        """Until changes up to `cursor` have been fanned out here, for `resume_wait` seconds at
+        most (a cursor from another database never comes)."""
+        with anyio.move_on_after(self.resume_wait):
+            while self.cursor < cursor:
+                if self._advanced is None:
+                    self._advanced = asyncio.Event()
+                await self._advanced.wait()
 
     @contextlib.contextmanager
     def subscribe(self, session_id: str | None = None, since: int | None = None):
@@ -284,6 +298,9 @@ class Broadcaster:
         while True:
             for change in await self._inbox.get():
                 self._fan_out(change)
+            if self._advanced is not None:
+                self._advanced.set()
+                self._advanced = None
 
     def _fan_out(self, change: Change) -> None:
         if change.cursor <= self.cursor:

@@ -12,6 +12,10 @@ A new run is offered first to the polls parked at that moment: the transaction t
 also claims it for the first of their runners that can take it, and the claimed run is handed
 to that runner's parked poll (one commit instead of two on the way from client to runner). A
 poll that stopped waiting meanwhile gets nothing: the run is given back and everyone woken.
+
+With several processes on one database (PostgreSQL), a wake-up also goes to the others
+(`Database.signal_wake`, a NOTIFY), whose listeners wake their own polls (`wake_here`); the
+periodic checks run in one process only, the leader (`Database.leader`).
 """
 
 from __future__ import annotations
@@ -64,7 +68,13 @@ class Dispatcher:
     # -- long-polls ---------------------------------------------------------------------
 
     def wake(self, runner_id: str | None = None) -> None:
-        """Cut waiting polls short: one runner's, or (None: a run became claimable) all."""
+        """Cut waiting polls short, here and in the other processes serving the database: one
+        runner's, or (None: a run became claimable) all."""
+        self.wake_here(runner_id)
+        self.db.signal_wake(runner_id)
+
+    def wake_here(self, runner_id: str | None = None) -> None:
+        """`wake` for this process's polls only."""
         groups = self._waiters.values() if runner_id is None else [self._waiters.get(runner_id, ())]
         for group in groups:
             for waiter in group:
@@ -76,7 +86,7 @@ class Dispatcher:
         off with an error when the graceful shutdown times out."""
         await shutting_down.wait()
         self.closing = True
-        self.wake()
+        self.wake_here()
 
     def idle_runners(self) -> list[str]:
         """Runners with a poll parked right now, in the order they began polling."""
@@ -155,7 +165,13 @@ class Dispatcher:
 
     # -- start-up and periodic checks -----------------------------------------------------
 
-    async def recover(self) -> None:
+    async def recover(self, alone: bool) -> None:
+        """Start-up recovery, when this process is the only one serving the database: with
+        others alive, the runs in flight are theirs, executing (README, "Running several
+        coordinators")."""
+        if not alone:
+            log.info("run recovery skipped: other coordinators serve this database")
+            return
         mode = self.settings.run_recovery_mode
         counts = await self.db.write(runs.recover_runs, mode)
         log.info(
@@ -165,11 +181,13 @@ class Dispatcher:
         )
 
     async def run(self) -> None:
-        """Every RUNNER_LIFECYCLE_INTERVAL: mark silent runners stale or remove them, fail
-        pending runs whose demands nobody met in time (announced as `run_failed`), and settle
-        the runs no runner will report on."""
+        """Every RUNNER_LIFECYCLE_INTERVAL, in the leader: mark silent runners stale or remove
+        them, fail pending runs whose demands nobody met in time (announced as `run_failed`),
+        and settle the runs no runner will report on."""
         while True:
             await anyio.sleep(self.settings.runner_lifecycle_interval)
+            if not self.db.leader:
+                continue
             try:
                 await self.check()
             except Exception:
@@ -185,6 +203,12 @@ class Dispatcher:
             self.wake(runner_id)
         for run in await self.db.write(runs.fail_timed_out_runs):  # each announced as `run_failed`
             log.info("run %s failed: no matching runner within %g s", run.run_id, s.run_no_match_timeout)
+        if self.db.shared:
+            # A claim whose answer died with the process that made it: the runner never got it.
+            if requeued := await self.db.write(runs.requeue_unstarted, s.run_claim_timeout):
+                log.info("runs %s pending again: not started within %g s of their claim",
+                         ", ".join(requeued), s.run_claim_timeout)
+                self.wake()
         await self._settle_lost_runs()
 
     async def _settle_lost_runs(self) -> None:

@@ -191,6 +191,7 @@ class Settings:
     runner_remove_threshold: float = 600.0
     runner_lifecycle_interval: float = 30.0
     run_no_match_timeout: float = 300.0
+    run_claim_timeout: float = 60.0  # several processes on PostgreSQL only
     auth_enabled: bool = False
     auth0_domain: str = ""
     auth0_audience: str = ""
@@ -320,6 +321,7 @@ _ENV: list[tuple[str, str, Callable[[str], object]]] = [
     ("RUNNER_REMOVE_THRESHOLD", "runner_remove_threshold", _positive_float),
     ("RUNNER_LIFECYCLE_INTERVAL", "runner_lifecycle_interval", _positive_float),
     ("RUN_NO_MATCH_TIMEOUT", "run_no_match_timeout", _positive_float),
+    ("RUN_CLAIM_TIMEOUT", "run_claim_timeout", _positive_float),
     ("AUTH_ENABLED", "auth_enabled", _flag),
     ("AUTH0_DOMAIN", "auth0_domain", _auth0_domain),
     ("AUTH0_AUDIENCE", "auth0_audience", str.strip),

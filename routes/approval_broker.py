@@ -31,6 +31,8 @@ log = logging.getLogger("coordinator.approvals")
 HUNG_UP = "The hook request was closed before a decision"
 SHUT_DOWN = "The coordinator shut down before a decision"
 RESTARTED = "The coordinator restarted before a decision"
+# How a decision is told to the other processes serving the database (`Database.signal_wake`).
+SIGNAL_PREFIX = "approval:"
 
 
 class _Waiter:
@@ -66,10 +68,20 @@ class ApprovalBroker:
                 waiter.event.set()
 
     async def decide(self, approval_id: str, decision: str, reason: str | None, decided_by: str) -> Approval:
-        """A person's decision (store.errors.Conflict if it came too late); waiters answer at once."""
+        """A person's decision (store.errors.Conflict if it came too late); waiters answer at
+        once, in this process and in the others serving the database."""
         approval = await self.db.write(approvals.decide, approval_id, decision, reason, decided_by)
         self.wake([approval_id])
+        self.db.signal_wake(SIGNAL_PREFIX + approval_id)
         return approval
+
+    def signalled(self, target: str) -> bool:
+        """Wake the waiters of a decision another process signalled; False if `target` is not
+        about an approval."""
+        if not target.startswith(SIGNAL_PREFIX):
+            return False
+        self.wake([target[len(SIGNAL_PREFIX):]])
+        return True
 
     async def time_out(self) -> None:
         s = self.settings
@@ -126,8 +138,11 @@ class ApprovalBroker:
             log.info("approval %s expired: %s", approval_id, approval.reason)
         return approval
 
-    async def expire_held(self) -> None:
-        """At start-up: approvals held by the requests of a previous process cannot be answered."""
+    async def expire_held(self, alone: bool) -> None:
+        """At start-up: approvals held by the requests of a previous process cannot be answered.
+        Beside other live processes serving the database, pending approvals may be theirs."""
+        if not alone:
+            return
         count = await self.db.write(approvals.expire_held, RESTARTED)
         if count:
             log.info("%d pending approvals expired: their hook requests ended with the previous process", count)

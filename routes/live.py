@@ -70,6 +70,8 @@ async def ws_endpoint(websocket: WebSocket):
     if broadcaster.full:
         await websocket.close(CLOSE_TRY_AGAIN, "Too many live subscribers, try again later")
         return
+    if since is not None:
+        await broadcaster.reach(since)
     with broadcaster.subscribe(session_id, since) as subscriber:
         async with anyio.create_task_group() as tasks:
             # Whichever ends first ends the subscription: the peer leaves, the broadcaster
@@ -138,6 +140,8 @@ async def sse_sessions(request: Request):
     async def stream() -> AsyncIterator[bytes]:
         # Subscribing here, not in the handler, means a response that never starts leaks nothing.
         try:
+            if since is not None:
+                await broadcaster.reach(since)
             with broadcaster.subscribe(session_id, since) as subscriber:
                 async for message in _messages(request, subscriber, init, heartbeat):
                     yield b": heartbeat\n\n" if message is None else message.sse_frame

@@ -70,6 +70,28 @@ class Database(Protocol):
         """Hand every change committed from now on to `handler`, in cursor order, from one
         thread; returns the cursor up to which changes were committed before. Blocking."""
 
+    # -- several processes on one database (README, "Running several coordinators") ---------
+
+    # Whether other coordinator processes may serve the same database (PostgreSQL).
+    shared: bool
+
+    def join(self, wake: Callable[[str | None], None]) -> bool:
+        """Join the processes serving this database: from now on `wake` is called, from another
+        thread, with what their `signal_wake` sent (a runner id, None for all, or another
+        target such as an approval). Returns
+        whether this process is alone; if so, none that starts later is until this one returns
+        (start-up recovery runs only then). Blocking."""
+
+    def signal_wake(self, target: str | None) -> None:
+        """Tell the other processes to wake who waits for `target` after a commit: a runner's
+        polls (None: all runners'), or an approval's waiters; returns at once, the message is
+        sent soon after."""
+
+    @property
+    def leader(self) -> bool:
+        """Whether this process runs the periodic duties (lifecycle checks, retention): one
+        process of those serving the database at a time, another once it is gone."""
+
     def close(self) -> None:
         """Finish the writes in progress, then close every connection."""
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
+import queue
 import random
 import re
 import threading
@@ -30,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import anyio
 import psycopg
+import psycopg.sql
 from psycopg import IsolationLevel
 from psycopg.errors import DeadlockDetected, DiskFull, SerializationFailure
 from psycopg_pool import ConnectionPool
@@ -359,6 +362,7 @@ class PostgresDatabase:
             kwargs={"connect_timeout": CONNECT_TIMEOUT}, name="coordinator", open=True,
         )
         self._tail: ChangeTail | None = None
+        self._peers: Peers | None = None
         # Writes waiting for the tail to hand their changes over: (cursor, loop or None, future).
         self._delivered = 0
         self._waiting: list[tuple[int, asyncio.AbstractEventLoop | None, Any]] = []
@@ -474,9 +478,27 @@ class PostgresDatabase:
             " server is still open (see README, PostgreSQL); answering anyway", cursor, DELIVERY_WAIT,
         )
 
+    # -- the other processes --------------------------------------------------------------
+
+    shared = True
+
+    def join(self, wake: Callable[[str | None], None]) -> bool:
+        self._peers = Peers(self.url, wake)
+        return self._peers.join()
+
+    def signal_wake(self, target: str | None) -> None:
+        if self._peers is not None:
+            self._peers.signal(target)
+
+    @property
+    def leader(self) -> bool:
+        return self._peers is not None and self._peers.leader
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self._peers is not None:
+            self._peers.close()
         if self._tail is not None:
             self._tail.stop(self._pool)
         self._pool.close()
@@ -636,3 +658,140 @@ class ChangeTail:
             self.cursor = page.changes[-1].cursor
         self.cursor = upto
         self.advanced(upto)
+
+
+# -- the other processes serving the database -------------------------------------------------
+
+WAKE_CHANNEL = "coordinator_dispatch"
+# Advisory locks, two-key form: (hash of the schema, which). Every process holds ALIVE shared for
+# its lifetime; the one process holding LEADER runs the periodic duties. Locks (and the
+# channel) are per schema: services in different schemas of one database are unrelated.
+ALIVE, LEADER = 1, 2
+
+
+class Peers:
+    """This process among the coordinators serving one database, on two connections of its own.
+
+    - Alive: every process holds the ALIVE advisory lock shared. One that starts while nobody
+      else holds it (an exclusive try succeeds) is alone: start-up recovery is its to run.
+    - Leader: the listening connection tries LEADER (exclusive) every LEADER_RETRY seconds until
+      it has it, and then holds it for as long as the connection lives. PostgreSQL releases a
+      session's locks when it ends, so a process that dies, however it dies, hands leadership
+      on within about LEADER_RETRY seconds.
+    - Wake-ups: `signal` queues a target (a runner id, `*`: all runners, `approval:<id>`); a sender thread sends the queue with
+      `pg_notify` on its own connection, and every other process's listener calls `wake` on
+      receipt. A process ignores its own notifications: it woke its polls already.
+    """
+
+    LEADER_RETRY = 1.0
+
+    def __init__(self, url: str, wake: Callable[[str | None], None]):
+        self.url = url
+        self.wake = wake
+        self.leader = False
+        self._outbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._sender_pid = 0
+        self._stop = threading.Event()
+        self._listener = threading.Thread(target=self._listen, name="store-peers", daemon=True)
+        self._sender = threading.Thread(target=self._send, name="store-peers-notify", daemon=True)
+        self._conn: psycopg.Connection | None = None
+        self._key = 0
+        self._channel = WAKE_CHANNEL
+
+    def join(self) -> bool:
+        """Connect, take ALIVE (returning whether this process is alone) and start listening."""
+        conn = self._conn = connect(self.url, autocommit=True)
+        schema, self._key = conn.execute("SELECT current_schema(), hashtext(current_schema())").fetchone()
+        self._channel = f"{WAKE_CHANNEL}/{schema}"[:63]  # longer names are cut by PostgreSQL's LISTEN
+        alone = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (self._key, ALIVE)).fetchone()[0]
+        # Shared before the exclusive one is let go: no later start sees an empty moment.
+        self._attach(conn)
+        if alone:
+            conn.execute("SELECT pg_advisory_unlock(%s, %s)", (self._key, ALIVE))
+        self._listener.start()
+        self._sender.start()
+        return alone
+
+    def _attach(self, conn: psycopg.Connection) -> None:
+        conn.execute("SELECT pg_advisory_lock_shared(%s, %s)", (self._key, ALIVE))
+        conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self._channel)))
+
+    def signal(self, target: str | None) -> None:
+        self._outbox.put(target or "*")
+
+    def _listen(self) -> None:
+        conn = self._conn
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = self._conn = connect(self.url, autocommit=True)
+                    self._attach(conn)
+                    self.wake(None)  # notifications may have been missed meanwhile
+                if not self.leader:
+                    self.leader = conn.execute(
+                        "SELECT pg_try_advisory_lock(%s, %s)", (self._key, LEADER)
+                    ).fetchone()[0]
+                    if self.leader:
+                        log.info("this process now runs the periodic duties (leader)")
+                for note in conn.notifies(timeout=self.LEADER_RETRY):
+                    if note.pid != self._sender_pid and note.payload:
+                        self.wake(None if note.payload == "*" else note.payload)
+                    if self._stop.is_set():
+                        break
+            except psycopg.Error as exc:
+                if self.leader:
+                    log.warning("leadership lost with the connection to the database")
+                self.leader = False
+                if conn is not None:
+                    conn.close()
+                conn = self._conn = None
+                if self._stop.is_set():
+                    return
+                log.error("listening to the other coordinators failed (%s); reconnecting", one_line(exc))
+                self._stop.wait(1.0)
+
+    def _send(self) -> None:
+        conn: psycopg.Connection | None = None
+        pending: set[str] = set()
+        while True:
+            first = self._outbox.get()
+            if first is None:
+                break
+            pending.add(first)
+            while not self._outbox.empty():  # one round trip for all queued meanwhile
+                item = self._outbox.get()
+                if item is None:
+                    self._outbox.put(None)
+                    break
+                pending.add(item)
+            try:
+                if conn is None:
+                    conn = connect(self.url, autocommit=True)
+                    self._sender_pid = conn.info.backend_pid
+                with conn.transaction():
+                    for payload in sorted(pending):
+                        conn.execute("SELECT pg_notify(%s, %s)", (self._channel, payload))
+                pending.clear()
+            except psycopg.Error as exc:
+                # Whom it was for polls again within RUNNER_POLL_TIMEOUT and finds what was meant.
+                log.error("telling the other coordinators to wake their polls failed: %s", one_line(exc))
+                pending.clear()
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):  # ends the listener's wait (an empty payload)
+                conn.execute("SELECT pg_notify(%s, '')", (self._channel,))
+            conn.close()
+
+    def close(self) -> None:
+        """Send what is queued, then let go of the locks (another process may lead at once)."""
+        self._stop.set()
+        self._outbox.put(None)
+        if self._sender.is_alive():
+            self._sender.join(timeout=5)
+        if self._listener.is_alive():
+            self._listener.join(timeout=self.LEADER_RETRY + 5)
+        if self._conn is not None:
+            self._conn.close()
+        self.leader = False

@@ -22,6 +22,7 @@ log = logging.getLogger("coordinator.retention")
 
 BATCH_SESSIONS = 100
 BATCH_EVENTS = 20_000  # a batch ends early once its sessions hold this many events
+LEADER_CHECK = 5.0  # seconds between looks at leadership while another process leads
 
 # Oldest first; a session with an unfinished run or a queued callback is not over yet.
 _CANDIDATES = """
@@ -65,9 +66,14 @@ async def purge(db: Database, days: float) -> int:
 
 
 async def run_periodically(db: Database, days: float, interval: float) -> None:
-    """A pass now and then every `interval` seconds, for the app's lifetime. A failed pass is
-    logged and tried again at the next interval: retention must never take the server down."""
+    """A pass now and then every `interval` seconds, for the app's lifetime, by the leader of
+    the processes serving the database (`Database.leader`: on SQLite, the one process). A
+    failed pass is logged and tried again at the next interval: retention must never take the
+    server down."""
     while True:
+        if not db.leader:
+            await anyio.sleep(min(interval, LEADER_CHECK))
+            continue
         try:
             deleted = await purge(db, days)
             if deleted:

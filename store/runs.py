@@ -147,6 +147,19 @@ def claim_run(conn: Connection, runner: Runner) -> Run | None:
     return None
 
 
+def requeue_unstarted(conn: Connection, older_than: float) -> list[str]:
+    """Runs claimed more than `older_than` seconds ago and never reported started are `pending`
+    again (runner and `claimed_at` cleared); returns their ids. For several processes on one
+    database: a process that dies between committing a claim and answering the poll leaves a
+    claim its runner never got."""
+    rows = conn.execute(
+        "UPDATE runs SET status = 'pending', runner_id = NULL, claimed_at = NULL"
+        " WHERE status = 'claimed' AND claimed_at < ? RETURNING run_id",
+        (now_ts(-older_than),),
+    ).fetchall()
+    return sorted(run_id for (run_id,) in rows)
+
+
 def unclaim_run(conn: Connection, run_id: str, runner_id: str) -> bool:
     """Give back a claim whose runner never got the answer; True if the run is pending again."""
     conn.execute(

@@ -482,6 +482,17 @@ class SqliteDatabase:
 
         return self.write_sync(follow)
 
+    # -- the other processes: none ------------------------------------------------------
+
+    shared = False
+    leader = True
+
+    def join(self, wake: Callable[[str | None], None]) -> bool:
+        return True
+
+    def signal_wake(self, target: str | None) -> None:
+        pass
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def close(self) -> None:
