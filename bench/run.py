@@ -101,7 +101,7 @@ def seed_million_postgres(url: str, events: int) -> None:
 def seed_million(db_path: Path, events: int) -> None:
     """Write `events` stored events straight into a fresh database (the server is not running)."""
     conn = apsw.Connection(str(db_path))
-    from store.db import migrate
+    from store.sqlite import migrate
 
     migrate(conn)
     payload = event_body("ses_big", 0)
