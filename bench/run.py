@@ -282,8 +282,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--database-url", help="store in this PostgreSQL database (default: SQLite)")
+    parser.add_argument("--database-url", metavar="URL", help="run the coordinator on this PostgreSQL database")
     args = parser.parse_args()
+    database_url = args.database_url
     quick = args.quick
     rounds = 1 if quick else args.rounds
     seconds = 0.5 if quick else 3.0
