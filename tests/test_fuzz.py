@@ -19,6 +19,11 @@ from coordinator import create_app
 from coordinator_core.settings import Settings
 from store import agents as agent_store, models
 
+# The server under test runs in this process, and on PostgreSQL its connection pool draws from
+# the global random generator in its own threads (jittering connection lifetimes); hypothesis
+# would take that for a strategy using the global generator and warn mid-example.
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
+
 EXAMPLES_PER_ROUTE = 40
 FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES_PER_ROUTE,
