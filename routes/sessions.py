@@ -12,7 +12,7 @@ from routes.errors import ValidationFailed
 from routes.open_events import EventDecoder
 from store import cache, events, sessions
 from store.errors import NotFound
-from store.models import BindSession, CreateSession, Event, Session, SessionMetadata
+from store.models import BindSession, CreateSession, Session, SessionMetadata
 
 _create = msgspec.json.Decoder(CreateSession)
 _bind = msgspec.json.Decoder(BindSession)

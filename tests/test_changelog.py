@@ -136,6 +136,12 @@ def test_every_subscriber_gets_every_change_once_in_order_across_drops(make_serv
         subscriber.join(timeout=120)
         assert subscriber.error is None, repr(subscriber.error)
 
+    assert_every_change_once(subscribers, log)
+
+
+def assert_every_change_once(subscribers: list[Subscriber], log: list[tuple[int, str, str]]) -> None:
+    """Each subscriber got every change of the stored log once, in cursor order, across more
+    than three resumes; anything else it got was seen live and then deleted with its session."""
     stored = {cursor: (type_, sid) for cursor, type_, sid in log}
     deleted = {sid for _, type_, sid in log if type_ == "session_deleted"}
     for subscriber in subscribers:

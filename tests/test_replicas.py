@@ -19,7 +19,7 @@ import requests
 from runner_client import ScriptedRunner, registered, start_run, wait_for
 from server_process import ServerProcess
 from test_approvals import PRE_TOOL
-from test_changelog import Subscriber, writer
+from test_changelog import Subscriber, assert_every_change_once, writer
 
 # Polls end every 2 s, so runners cycle over the replicas; lifecycle checks run often.
 FAST = {"RUNNER_POLL_TIMEOUT": "2", "RUNNER_LIFECYCLE_INTERVAL": "0.2"}
@@ -323,15 +323,7 @@ def test_subscribers_hopping_between_replicas_get_every_change_once_in_order(sta
     for subscriber in subscribers:
         subscriber.join(timeout=60)
         assert subscriber.error is None, repr(subscriber.error)
-    stored = {cursor: (type_, sid) for cursor, type_, sid in log}
-    deleted = {sid for _, type_, sid in log if type_ == "session_deleted"}
-    for subscriber in subscribers:
-        cursors = [cursor for cursor, _, _ in subscriber.received]
-        assert cursors == sorted(set(cursors)), "a cursor came twice or out of order"
-        assert set(stored) <= set(cursors), "a committed change was never delivered"
-        for cursor, type_, sid in subscriber.received:
-            assert stored.get(cursor, (type_, sid)) == (type_, sid) or sid in deleted
-        assert subscriber.resumes > 3
+    assert_every_change_once(subscribers, log)
 
 
 def test_an_approval_held_on_one_replica_is_answered_at_once_when_decided_on_another(start_replicas):

@@ -5,7 +5,6 @@ import json
 import time
 
 import anyio
-import pytest
 from websockets.sync.client import connect as ws_connect
 
 from store.changes import max_deleted
