@@ -34,7 +34,7 @@ import anyio
 import psycopg
 import psycopg.sql
 from psycopg import IsolationLevel
-from psycopg.errors import DeadlockDetected, DiskFull, SerializationFailure
+from psycopg.errors import DeadlockDetected, DiskFull, ProgramLimitExceeded, SerializationFailure
 from psycopg_pool import ConnectionPool
 
 from store import changes
@@ -355,6 +355,8 @@ def _storage_error(exc: Exception, writing: bool) -> Exception:
     """PostgreSQL's faults as the store errors answered 507, 503 and 400; anything else as it is."""
     if isinstance(exc, DiskFull):
         return StorageFull("Storage full: nothing was stored; retry once space is freed")
+    if isinstance(exc, ProgramLimitExceeded):  # e.g. an id too long to index
+        return Rejected(f"The database cannot take this request: {one_line(exc)}")
     if isinstance(exc, psycopg.OperationalError):  # the pool's timeout included
         outcome = "nothing was stored; " if writing else ""
         return StorageFailed(f"Storage error ({one_line(exc)}): {outcome}retry later")

@@ -4,6 +4,7 @@ both backends share runs on both through the other test files.)"""
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -307,3 +308,13 @@ def test_copy_db_without_a_source_or_with_a_bad_target(tmp_path, pg_url):
         "agent-coordinator: copy-db --to 'sqlite:///x.db': must be a PostgreSQL URL:"
         " postgresql://user@host:port/database"
     ]
+
+
+def test_an_id_too_long_to_index_is_refused_not_a_server_fault(server, backend):
+    """PostgreSQL cannot index a text of more than about 8 kB (compressed); SQLite stores it."""
+    r = server.post("/sessions", {"session_id": secrets.token_hex(15_000)})
+    if backend == "postgres":
+        assert r.status_code == 400 and r.json()["detail"].startswith("The database cannot take this request")
+        assert server.get("/sessions").json() == {"sessions": []}
+    else:
+        assert r.status_code == 200
