@@ -154,6 +154,33 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def server_config(app: Starlette, settings: Settings, host: str, port: int, **overrides) -> uvicorn.Config:
+    """uvicorn's settings for serving the app: its HTTP protocol with the head and body limits
+    (`coordinator_core.http_guard`), WebSocket pings, no access log of its own (RequestLog
+    writes the request lines, without query strings)."""
+    options = dict(
+        host=host,
+        port=port,
+        ws="websockets-sansio",
+        # Pings keep idle proxies from cutting live subscribers, and close peers that stop answering.
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        log_config=None,  # configured by `logs.configure`
+        log_level="debug" if settings.debug_logging else "info",
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        http=functools.partial(
+            GuardedHttpProtocol,
+            header_timeout=settings.header_timeout,
+            max_header_bytes=settings.max_header_bytes,
+            body_timeout=settings.body_timeout,
+        ),
+        timeout_keep_alive=settings.keep_alive_timeout,
+        limit_concurrency=settings.max_connections,  # beyond: 503 at once
+    )
+    return uvicorn.Config(app, **(options | overrides))
+
+
 def _auth_middleware(settings: Settings) -> list[Middleware]:
     """Bearer checks for the static token, the issuer's JWTs or both; none when neither is set."""
     verifier = None
@@ -243,24 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     # What is loaded by now lives as long as the process: full collections need not scan it
     # again (they took ~30 ms instead of ~5 with 200 live subscribers, pausing every one).
     gc.freeze()
-    config = uvicorn.Config(
-        app,
-        host=args.host or settings.host,
-        port=settings.port if args.port is None else args.port,
-        ws="websockets-sansio",
-        # Pings keep idle proxies from cutting live subscribers, and close peers that stop answering.
-        ws_ping_interval=20.0,
-        ws_ping_timeout=20.0,
-        log_config=None,  # configured above
-        log_level="debug" if settings.debug_logging else "info",
-        access_log=False,  # RequestLog writes the request lines, without query strings
-        timeout_graceful_shutdown=10,
-        http=functools.partial(
-            GuardedHttpProtocol, header_timeout=settings.header_timeout, max_header_bytes=settings.max_header_bytes
-        ),
-        timeout_keep_alive=settings.keep_alive_timeout,
-        limit_concurrency=settings.max_connections,  # beyond: 503 at once
-    )
+    config = server_config(app, settings, args.host or settings.host, settings.port if args.port is None else args.port)
     server = Server(config)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises SIGINT again once it has stopped
         server.run()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from array import array
 from itertools import accumulate
@@ -10,9 +9,10 @@ from typing import Any, TypeVar
 
 import msgspec
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from coordinator_core.http_guard import body_timed_out
 from routes.errors import ValidationFailed, from_msgspec
 
 T = TypeVar("T")
@@ -48,17 +48,7 @@ async def read_body(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"Request body larger than {limit} bytes")
-    body = bytearray()
-    try:
-        async with asyncio.timeout(settings.body_timeout):  # cheaper than an anyio cancel scope
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    raise HTTPException(413, f"Request body larger than {limit} bytes")
-    except TimeoutError:
-        # The rest of the body may still come: the connection cannot carry another request.
-        detail = f"Request body not received within {settings.body_timeout:g} s"
-        raise HTTPException(408, detail, headers={"Connection": "close"}) from None
+    body = await _receive_body(request, limit, settings.body_timeout)
     depth = settings.max_json_depth
     if body.count(b"[") + body.count(b"{") > depth and json_depth(body) > depth:
         raise ValidationFailed.one(["body"], f"JSON nested deeper than {depth} levels", "json_depth")
@@ -68,6 +58,28 @@ async def read_body(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
         raise from_msgspec(exc) from None
     except UnicodeDecodeError:  # how msgspec reports a string that is not UTF-8
         raise ValidationFailed.one(["body"], "JSON string is not valid UTF-8", "json_invalid") from None
+
+
+async def _receive_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The whole body, as `Request.body` reads it but bounded in bytes and in time: the server's
+    protocol marks the request once the body is `timeout` seconds late (see
+    `coordinator_core.http_guard`)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"Request body larger than {limit} bytes")
+        if not message.get("more_body", False):
+            return b"".join([*chunks, chunk]) if chunks else chunk
+        chunks.append(chunk)
+        if body_timed_out(request.scope):
+            # The rest of the body may still come: the connection cannot carry another request.
+            raise HTTPException(408, f"Request body not received within {timeout:g} s", headers={"Connection": "close"})
 
 
 _TRUE = {"true", "1", "yes", "on", "t", "y"}

@@ -7,7 +7,7 @@ import re
 
 import msgspec
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
@@ -85,6 +85,11 @@ async def _store_error(request: Request, exc: StoreError) -> Response:
     return json_error(_STORE_STATUS[type(exc)], exc.detail)
 
 
+async def _client_left(request: Request, exc: ClientDisconnect) -> Response:
+    # Nobody is left to answer: 499 (the client closed the request) is for the request line.
+    return Response(status_code=499)
+
+
 async def _unhandled(request: Request, exc: Exception) -> Response:
     # ServerErrorMiddleware logs the traceback; the client only learns that it failed.
     return json_error(500, "Internal Server Error")
@@ -95,5 +100,6 @@ handlers = {
     HTTPException: _http_exception,
     ValidationFailed: _validation_failed,
     StoreError: _store_error,
+    ClientDisconnect: _client_left,
     Exception: _unhandled,
 }

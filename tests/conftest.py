@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import requests
-import uvicorn
 
-from coordinator import Server, create_app
+from coordinator import Server, create_app, server_config
 from coordinator_core.settings import Settings
 from store.sqlite import SqliteDatabase
 
@@ -81,7 +80,8 @@ class RunningServer:
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, ws="websockets-sansio", log_level="warning", lifespan="on")
+        # As `python -m coordinator` serves it, on the socket bound here.
+        config = server_config(self.app, settings, "127.0.0.1", self.port, log_level="warning", lifespan="on")
         self._server = Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]})
 

@@ -2,6 +2,7 @@
 request heads (deadline and size), idle keep-alive connections, concurrent connections."""
 
 import json
+import logging
 import socket
 import time
 
@@ -138,6 +139,51 @@ def test_slow_body_gets_408(make_server):
     answer, seconds = raw_request(srv.port, head + b'{"event_type"')
     assert http_status(answer) == 408 and "not received within 0.3 s" in json_body(answer)["detail"]
     assert seconds < 5
+    assert srv.get("/sessions/s/events").json()["events"] == []
+
+
+def test_body_trickling_in_gets_408(make_server):
+    # Each piece comes in time, the whole does not: the deadline is the body's, not a read's.
+    srv = make_server(body_timeout=0.5)
+    create(srv, "s")
+    body = json.dumps(event("s")).encode()
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(b"POST /sessions/s/events HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sock.settimeout(0.1)
+        answer = b""
+        for byte in body:
+            sock.sendall(bytes([byte]))
+            try:
+                answer += sock.recv(65536)
+            except TimeoutError:
+                continue
+            break
+        assert time.monotonic() - started < 5
+    assert http_status(answer) == 408 and b"connection: close" in answer.lower()
+    assert srv.get("/sessions/s/events").json()["events"] == []
+
+
+def test_body_trickling_in_after_the_answer_is_cut(make_server):
+    # Answered without its body (an unknown route): the rest may not hold the connection.
+    srv = make_server(body_timeout=0.3, keep_alive_timeout=30)
+    head = b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    answer, seconds = raw_request(srv.port, head + b"{")
+    assert http_status(answer) == 404
+    assert 0.2 < seconds < 5
+
+
+def test_client_leaving_mid_body_is_no_error(make_server, caplog):
+    caplog.set_level(logging.INFO)
+    srv = make_server()
+    create(srv, "s")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+        sock.sendall(b"POST /sessions/s/events HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    deadline = time.monotonic() + 10
+    while not any(getattr(r, "fields", {}).get("status") == 499 for r in caplog.records):
+        assert time.monotonic() < deadline, "the request line of the request left unanswered"
+        time.sleep(0.02)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
     assert srv.get("/sessions/s/events").json()["events"] == []
 
 
