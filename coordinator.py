@@ -22,11 +22,11 @@ import apsw
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 
 from coordinator_core import logs
 from coordinator_core.auth import BearerAuth
 from coordinator_core.broadcast import Broadcaster
+from coordinator_core.cors import Cors
 from coordinator_core.dispatch import Dispatcher
 from coordinator_core.http_guard import GuardedHttpProtocol
 from coordinator_core.logs import RequestLog, log_request
@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=[
             Middleware(RequestLog, observers=request_observers),
             Middleware(
-                CORSMiddleware,
+                Cors,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["*"],
                 allow_headers=["*"],

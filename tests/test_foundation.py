@@ -1,5 +1,6 @@
 """The running server: health, JSON errors for unmatched routes, CORS, the CLI entry point."""
 
+import asyncio
 import os
 import signal
 import socket
@@ -7,7 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
+from starlette.middleware.cors import CORSMiddleware
+
+from coordinator_core.cors import Cors
 
 
 def test_health(server):
@@ -49,6 +54,33 @@ def test_cors_origins_restricts(make_server):
     assert ok.headers["access-control-allow-origin"] == "http://ok.example"
     other = srv.get("/health", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize("vary", [None, "Accept-Encoding"])
+@pytest.mark.parametrize("origin", [None, "http://dash.example"])
+def test_cors_headers_are_starlettes(vary, origin):
+    # The short way for requests without Origin answers exactly what Starlette's middleware does.
+    async def app(scope, receive, send):
+        headers = [(b"content-type", b"text/plain")] + ([(b"vary", vary.encode())] if vary else [])
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [(b"host", b"x")]}
+    if origin:
+        scope["headers"].append((b"origin", origin.encode()))
+
+    def answer(middleware) -> list:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        wrapped = middleware(app, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+        asyncio.run(wrapped(dict(scope), None, send))
+        return sent
+
+    assert answer(Cors) == answer(CORSMiddleware)
+    assert any(name == b"vary" and b"Origin" in value for name, value in answer(Cors)[0]["headers"])
 
 
 def _free_port() -> int:
