@@ -81,12 +81,16 @@ def record_session(conn: Connection, type_: str, session: Session) -> Session:
     return session
 
 
-def record_event(conn: Connection, session_id: str, message: Any) -> int:
-    """The cursor, and so the id, of an event about to be inserted; `message` is its live payload."""
-    sql = "INSERT INTO changes (type, session_id) VALUES ('event', ?) RETURNING id"
-    cursor = conn.execute(sql, (session_id,)).fetchone()[0]
-    _keep(Change(cursor, "event", session_id, message))
-    return cursor
+def record_event(conn: Connection, session_id: str, message: Any) -> int | None:
+    """The cursor, and so the id, of an event about to be inserted; `message` is its live payload.
+    None (nothing recorded) if its session does not exist: one statement checks and records."""
+    sql = ("INSERT INTO changes (type, session_id) SELECT 'event', ?"
+           " WHERE EXISTS (SELECT 1 FROM sessions WHERE session_id = ?) RETURNING id")
+    row = conn.execute(sql, (session_id, session_id)).fetchone()
+    if row is None:
+        return None
+    _keep(Change(row[0], "event", session_id, message))
+    return row[0]
 
 
 def newest(conn: Connection) -> int:

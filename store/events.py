@@ -11,7 +11,7 @@ from store.backend import Connection
 from store.changes import raw_json_columns, record_event, record_session, with_extra
 from store.errors import NotFound, Rejected
 from store.models import EVENT_COLUMNS, Event, EventRow, Session
-from store.sessions import SESSION_NOT_FOUND, get_session, update_session
+from store.sessions import SESSION_NOT_FOUND, get_session, require_session, update_session
 
 _encode = msgspec.json.encode
 
@@ -26,9 +26,12 @@ def _json_or_null(value) -> str | None:
 
 def insert_event(conn: Connection, event: Event, extra: str | None = None) -> int:
     """Store the event under its change-log cursor; the live message carries it as received
-    (encoded only if someone subscribes, unless it has extra keys to append)."""
+    (encoded only if someone subscribes, unless it has extra keys to append). NotFound if its
+    session does not exist."""
     message = {"data": event} if extra is None else b'{"data":%s}' % with_extra(_encode(event), extra)
     event_id = record_event(conn, event.session_id, message)
+    if event_id is None:
+        raise NotFound(SESSION_NOT_FOUND)
     conn.execute(
         _INSERT,
         (
@@ -55,9 +58,8 @@ def append_event(
 ) -> tuple[int, Session | None]:
     """Store an event of an existing session. A `session_stop` finishes the session (announced
     before the event): then the updated session is returned with the new event id (else None)."""
-    if get_session(conn, session_id) is None:
-        raise NotFound(SESSION_NOT_FOUND)
     if event.session_id != session_id:
+        require_session(conn, session_id)  # an unknown session is the first thing to say
         raise Rejected("Event session_id must match URL session_id")
     finished = None
     if event.event_type == "session_stop":
@@ -74,8 +76,6 @@ def append_legacy_event(conn: Connection, event: Event, extra: str | None = None
             " ON CONFLICT (session_id) DO UPDATE SET status = 'running' WHERE sessions.status <> 'running'",
             (event.session_id, event.timestamp),
         )
-    elif get_session(conn, event.session_id) is None:
-        raise NotFound(SESSION_NOT_FOUND)
     elif event.event_type == "session_stop":
         update_session(conn, event.session_id, status="finished")
     return insert_event(conn, event, extra)

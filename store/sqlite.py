@@ -29,7 +29,7 @@ import anyio
 import apsw
 
 from store import changes
-from store.cache import ReadCache, install_triggers, take_changed_keys
+from store.cache import ReadCache, changed_keys, install_triggers, take_changed_keys
 from store.errors import DatabaseTooNew, StorageFailed, StorageFull
 
 log = logging.getLogger("coordinator.store")
@@ -421,7 +421,7 @@ class SqliteDatabase:
             changes.take()
             outcomes = [(job, None, error) for job in batch]
             changed = []
-        self.cache.drop(changed)  # before any caller hears of the commit
+        self.cache.drop(changed_keys(changed, committed))  # before any caller hears of the commit
         if committed and self.on_commit is not None:
             self.on_commit(committed)  # in commit order: this thread commits one batch at a time
         # One wake-up per event loop for the whole batch; asyncio futures are only settled there.
