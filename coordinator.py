@@ -270,6 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     # What is loaded by now lives as long as the process: full collections need not scan it
     # again (they took ~30 ms instead of ~5 with 200 live subscribers, pausing every one).
     gc.freeze()
+    # A request's objects are freed by reference counting as it ends; collecting the youngest
+    # generation every 700 allocations (the default) instead of every 10,000 only costs CPU
+    # (4 µs per ingested event), and a collection of 10,000 objects takes about 0.15 ms.
+    gc.set_threshold(10_000)
     config = server_config(app, settings, args.host or settings.host, settings.port if args.port is None else args.port)
     server = Server(config)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises SIGINT again once it has stopped
