@@ -2,9 +2,10 @@
 pooled readers, and the read cache.
 
 Every write goes through the single writer thread. It drains whatever writes are queued into one
-`BEGIN IMMEDIATE` transaction (each write in its own savepoint, so one failure rolls back only
-that write), commits, and only then resolves the callers: a caller that got an answer knows its
-data is committed (group commit: many writes share one fsync). Reads run on per-thread
+`BEGIN IMMEDIATE` transaction (should one fail, the batch runs again with each write in its own
+savepoint, so that the failure rolls back only that write), commits, and only then resolves the
+callers: a caller that got an answer knows its data is committed (group commit: many writes
+share one fsync). Reads run on per-thread
 connections in anyio's worker threads, each inside its own read transaction (a consistent
 snapshot in WAL mode). Answers that are read often and change rarely are kept in a `ReadCache`
 that the writer clears as it commits changes to their rows (see `store.cache`). The writer hands
@@ -384,29 +385,12 @@ class SqliteDatabase:
         if not batch:
             return
         conn = self._writer_conn
-        outcomes: list[tuple[_Write, Any, BaseException | None]] = []
         changed: list[str] = []
         committed: list[changes.Change] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            changes.collect()
-            for job in batch:
-                conn.execute("SAVEPOINT write")
-                mark = changes.mark()
-                try:
-                    result = job.fn(conn, *job.args, **job.kwargs)
-                except Exception as exc:
-                    if conn.get_autocommit():  # SQLite rolled back the whole transaction (disk full...)
-                        raise
-                    conn.execute("ROLLBACK TO write")
-                    changes.rollback_to(mark)
-                    error = _storage_error(exc)
-                    if error is not exc:
-                        log.error("a write was not stored: %s", exc)
-                    outcomes.append((job, None, error))
-                else:
-                    outcomes.append((job, result, None))
-                conn.execute("RELEASE write")
+            outcomes = self._attempt(conn, batch, isolated=False)
+            if outcomes is None:  # one failed: again, each write undone on its own if it fails
+                outcomes = self._attempt(conn, batch, isolated=True)
             changed = take_changed_keys(conn)
             conn.execute("COMMIT")
             committed = changes.take()
@@ -434,6 +418,39 @@ class SqliteDatabase:
             else:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
                     loop.call_soon_threadsafe(_settle, settled)
+
+    def _attempt(
+        self, conn: Connection, batch: list[_Write], isolated: bool
+    ) -> list[tuple[_Write, Any, BaseException | None]] | None:
+        """Run the writes in a new transaction, left open for the commit. Not `isolated`: one
+        after another, or None once one fails (the transaction is rolled back); nearly every
+        batch passes, and two statements per write are saved. `isolated`: each in a savepoint,
+        so that a failing write is undone alone and answered with its error."""
+        conn.execute("BEGIN IMMEDIATE")
+        changes.collect()
+        outcomes: list[tuple[_Write, Any, BaseException | None]] = []
+        for job in batch:
+            if isolated:
+                conn.execute("SAVEPOINT write")
+                mark = changes.mark()
+            try:
+                outcomes.append((job, job.fn(conn, *job.args, **job.kwargs), None))
+            except Exception as exc:
+                if conn.get_autocommit():  # SQLite rolled back the whole transaction (disk full...)
+                    raise
+                if not isolated:
+                    conn.execute("ROLLBACK")
+                    changes.take()
+                    return None
+                conn.execute("ROLLBACK TO write")
+                changes.rollback_to(mark)
+                error = _storage_error(exc)
+                if error is not exc:
+                    log.error("a write was not stored: %s", exc)
+                outcomes.append((job, None, error))
+            if isolated:
+                conn.execute("RELEASE write")
+        return outcomes
 
     # -- reads --------------------------------------------------------------------------
 

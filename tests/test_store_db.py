@@ -83,18 +83,46 @@ def _insert_session(conn, session_id):
     return session_id
 
 
-def test_failed_write_rolls_back_only_itself(db):
+@pytest.mark.parametrize("batched", [False, True])
+def test_failed_write_rolls_back_only_itself(db, batched):
+    import threading
+
     def insert_then_fail(conn):
         _insert_session(conn, "ses_half")
         raise ValueError("boom")
 
+    gate = threading.Event()
+    if batched:  # the writer is held while the three queue up: they form one transaction
+        held = db.submit(lambda conn: gate.wait(10))
     futures = [db.submit(_insert_session, "ses_a"), db.submit(insert_then_fail), db.submit(_insert_session, "ses_b")]
+    gate.set()
+    if batched:
+        held.result(timeout=10)
     assert futures[0].result() == "ses_a"
     with pytest.raises(ValueError):
         futures[1].result()
     assert futures[2].result() == "ses_b"
     ids = db.read_sync(lambda c: [r[0] for r in c.execute("SELECT session_id FROM sessions ORDER BY 1")])
     assert ids == ["ses_a", "ses_b"]
+
+
+def test_a_batch_of_failing_writes_commits_nothing_and_the_next_goes_on(db):
+    import threading
+
+    def fail(conn, n):
+        _insert_session(conn, f"ses_failed{n}")
+        raise ValueError(n)
+
+    gate = threading.Event()
+    held = db.submit(lambda conn: gate.wait(10))
+    failing = [db.submit(fail, n) for n in range(3)]
+    gate.set()
+    held.result(timeout=10)
+    for n, future in enumerate(failing):
+        with pytest.raises(ValueError, match=str(n)):
+            future.result(timeout=10)
+    assert db.write_sync(_insert_session, "ses_next") == "ses_next"
+    assert db.read_sync(lambda c: [r[0] for r in c.execute("SELECT session_id FROM sessions")]) == ["ses_next"]
 
 
 def test_foreign_keys_enforced(db):
