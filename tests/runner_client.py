@@ -76,15 +76,13 @@ class ScriptedRunner:
         assert self.report(run["run_id"], "completed", status="success").status_code == 200
 
 
-def wait_for(condition, timeout: float = 10, what: str = "condition"):
-    """Re-check `condition` until it is truthy (returned) or the deadline passes."""
+def wait_for(condition, what: str = "condition", timeout: float = 20.0):
+    """Re-check `condition` until it is truthy (returned) or the deadline passes (the test fails)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what} ({timeout:g} s)"
         time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+    return value
 
 
 def start_run(server, **body) -> dict:

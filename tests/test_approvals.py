@@ -16,6 +16,7 @@ from jsonschema import Draft202012Validator
 from websockets.sync.client import connect
 
 from coordinator_core.settings import Settings, SettingsError
+from runner_client import wait_for
 from store.models import ApprovalRule
 from server_process import ServerProcess
 from test_sessions import create
@@ -29,14 +30,6 @@ APPROVAL_KEYS = [
     "approval_id", "session_id", "source", "hook_event_name", "tool_name", "tool_input", "tool_use_id", "agent_id",
     "agent_type", "requested_at", "expires_at", "status", "decision", "reason", "decided_by", "decided_at",
 ]
-
-
-def wait_until(predicate, what: str, seconds: float = 20.0):
-    deadline = time.monotonic() + seconds
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"{what}: not reached in {seconds} s"
-        time.sleep(0.02)
-    return value
 
 
 def pending(server) -> list[dict]:
@@ -65,7 +58,7 @@ def test_pre_tool_use_held_until_a_decision_over_the_api(make_server):
     with connect(srv.ws_url + "/ws") as ws:
         json.loads(ws.recv(timeout=10))  # init
         future = hold(srv, PRE_TOOL)
-        (approval,) = wait_until(lambda: pending(srv), "approval pending")
+        (approval,) = wait_for(lambda: pending(srv), "approval pending")
         assert list(approval) == APPROVAL_KEYS
         assert approval | {"approval_id": None, "requested_at": None, "expires_at": None} == {
             "approval_id": None, "session_id": PRE_TOOL["session_id"], "source": "claude_code",
@@ -114,7 +107,7 @@ def test_pre_tool_use_held_until_a_decision_over_the_api(make_server):
 def test_permission_request_answered_in_its_format(make_server, decision, expected):
     srv = make_server(approval_rules=BASH)
     future = hold(srv, PERMISSION)
-    (approval,) = wait_until(lambda: pending(srv), "approval pending")
+    (approval,) = wait_for(lambda: pending(srv), "approval pending")
     assert approval["hook_event_name"] == "PermissionRequest" and approval["tool_use_id"] is None
     assert srv.post(f"/approvals/{approval['approval_id']}", {"decision": decision}).status_code == 200
     assert answered(future) == {"hookSpecificOutput": {"hookEventName": "PermissionRequest", "decision": expected}}
@@ -134,7 +127,7 @@ def test_calls_no_rule_holds_get_no_decision_at_once(make_server):
     assert srv.get("/approvals").json() == {"approvals": []}
     held = [hold(srv, PRE_TOOL | {"cwd": "/srv/app"}),
             hold(srv, json.loads((FIXTURES / "11_subagent_pre_tool_use.json").read_text()))]
-    found = wait_until(lambda: len(pending(srv)) == 2 and pending(srv), "both held")
+    found = wait_for(lambda: len(pending(srv)) == 2 and pending(srv), "both held")
     assert {a["agent_type"] for a in found} == {None, "Explore"}
     for approval in found:
         srv.post(f"/approvals/{approval['approval_id']}", {"decision": "allow"})
@@ -161,7 +154,7 @@ def test_many_pending_at_once_each_gets_its_own_decision(make_server):
         n: hold(srv, PRE_TOOL | {"tool_input": {"command": f"job {n}"}, "tool_use_id": f"toolu_{n}"})
         for n in range(count)
     }
-    found = wait_until(lambda: len(pending(srv)) == count and pending(srv), "all held")
+    found = wait_for(lambda: len(pending(srv)) == count and pending(srv), "all held")
     decisions = {a["approval_id"]: ("allow" if int(a["tool_use_id"][6:]) % 3 else "deny", a["tool_use_id"]) for a in found}
     order = list(decisions)
     random.Random(7).shuffle(order)
@@ -182,8 +175,8 @@ def test_a_hook_client_that_hangs_up_expires_its_approval(make_server):
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
             sock.sendall(b"POST /hooks/claude-code HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            (approval,) = wait_until(lambda: pending(srv), "approval pending")
-        expired = wait_until(lambda: srv.get(f"/approvals/{approval['approval_id']}").json()["approval"]
+            (approval,) = wait_for(lambda: pending(srv), "approval pending")
+        expired = wait_for(lambda: srv.get(f"/approvals/{approval['approval_id']}").json()["approval"]
                              if not pending(srv) else None, "approval expired")
         assert (expired["status"], expired["decision"], expired["decided_by"], expired["reason"]) == (
             "expired", None, None, "The hook request was closed before a decision")
@@ -196,7 +189,7 @@ def test_a_hook_client_that_hangs_up_expires_its_approval(make_server):
 def test_shutdown_hands_held_decisions_back_to_claude_code_at_once(make_server):
     srv = make_server(approval_rules=BASH)
     pre_tool, permission = hold(srv, PRE_TOOL), hold(srv, PERMISSION)
-    wait_until(lambda: len(pending(srv)) == 2, "both held")
+    wait_for(lambda: len(pending(srv)) == 2, "both held")
     started = time.monotonic()
     stopper = threading.Thread(target=srv.stop)
     stopper.start()
@@ -216,7 +209,7 @@ def test_restart_expires_approvals_whose_hook_request_is_gone(tmp_path):
         api = srv.post("/approvals", {"session_id": "ses_api", "tool_name": "Deploy", "tool_input": {"env": "prod"}})
         api = api.json()["approval"]
         held = hold(srv, PRE_TOOL)
-        wait_until(lambda: len(pending(srv)) == 2, "both pending")
+        wait_for(lambda: len(pending(srv)) == 2, "both pending")
         srv.kill()
         with pytest.raises(requests.ConnectionError):
             held.result(timeout=30)
@@ -228,7 +221,7 @@ def test_restart_expires_approvals_whose_hook_request_is_gone(tmp_path):
         assert approvals["api"] == api
         waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
             srv.get, f"/approvals/{api['approval_id']}/wait?timeout=20")
-        wait_until(lambda: srv.post(f"/approvals/{api['approval_id']}", {"decision": "allow"}).status_code == 200,
+        wait_for(lambda: srv.post(f"/approvals/{api['approval_id']}", {"decision": "allow"}).status_code == 200,
                    "decided")
         assert waiting.result(timeout=30).json()["approval"]["decision"] == "allow"
         assert "1 pending approvals expired" in srv.log()
@@ -247,7 +240,7 @@ def test_any_client_can_ask_for_an_approval_and_wait(make_server):
     r = srv.get(f"/approvals/{approval_id}/wait?timeout=0")  # returns at once: still pending
     assert r.status_code == 200 and r.json() == {"approval": approval}
     waiting = concurrent.futures.ThreadPoolExecutor(1).submit(srv.get, f"/approvals/{approval_id}/wait?timeout=20")
-    wait_until(lambda: srv.state.approvals.waiting(approval_id) == 1, "long-poll parked")
+    wait_for(lambda: srv.state.approvals.waiting(approval_id) == 1, "long-poll parked")
     started = time.monotonic()
     srv.post(f"/approvals/{approval_id}", {"decision": "allow", "reason": "go"})
     decided = waiting.result(timeout=30).json()["approval"]
@@ -265,7 +258,7 @@ def test_api_approval_times_out_with_nobody_waiting(make_server):
     srv = make_server(approval_timeout=0.3)
     create(srv, "ses_t")
     approval_id = srv.post("/approvals", {"session_id": "ses_t", "tool_name": "Deploy"}).json()["approval"]["approval_id"]
-    decided = wait_until(lambda: (a := srv.get(f"/approvals/{approval_id}").json()["approval"])["status"] != "pending"
+    decided = wait_for(lambda: (a := srv.get(f"/approvals/{approval_id}").json()["approval"])["status"] != "pending"
                          and a, "timed out")
     assert (decided["decision"], decided["decided_by"]) == ("deny", "timeout")
 

@@ -14,9 +14,10 @@ import requests
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from runner_client import wait_for
 from server_process import ServerProcess
 from store.sqlite import MIGRATIONS
-from test_live import StalledClient, recv, sse_frames, wait_until
+from test_live import StalledClient, recv, sse_frames
 from test_sessions import create, event
 
 
@@ -247,7 +248,7 @@ def test_a_stalled_subscriber_is_dropped_at_its_byte_budget(make_server):
 
         reader = threading.Thread(target=read_all)
         reader.start()
-        wait_until(lambda: srv.state.broadcaster.subscriber_count == 2)
+        wait_for(lambda: srv.state.broadcaster.subscriber_count == 2)
         pad = "x" * 100_000
         most = 0
         for i in range(total):
@@ -269,9 +270,9 @@ def test_replays_to_stalled_subscribers_hold_one_page_each(make_server):
     for i in range(40):  # 8 MB to replay
         srv.post("/sessions/s/events", event("s", tool_input={"i": i, "pad": pad}))
     stalled = [StalledClient(srv.port, "/ws?since=0") for _ in range(4)]
-    wait_until(lambda: srv.state.broadcaster.subscriber_count == 4)
+    wait_for(lambda: srv.state.broadcaster.subscriber_count == 4)
     # Each is stuck on a page it cannot send; none holds more than a page of the budget's size.
-    wait_until(lambda: srv.state.broadcaster.buffered_bytes > 0)
+    wait_for(lambda: srv.state.broadcaster.buffered_bytes > 0)
     assert srv.state.broadcaster.buffered_bytes <= 4 * (BUDGET + 200_500)
     # A healthy subscriber replaying at the same time gets everything.
     with connect(srv.ws_url + "/ws?since=0") as ws:
@@ -280,7 +281,7 @@ def test_replays_to_stalled_subscribers_hold_one_page_each(make_server):
     assert cursors == [cursor for cursor, _, _ in stored_log(srv)]
     for client in stalled:
         client.close()
-    wait_until(lambda: srv.state.broadcaster.subscriber_count == 0)
+    wait_for(lambda: srv.state.broadcaster.subscriber_count == 0)
 
 
 @pytest.mark.parametrize("kind", ["ws", "sse"])

@@ -4,13 +4,13 @@ import contextlib
 import json
 import socket
 import threading
-import time
 
 import pytest
 import requests
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from runner_client import wait_for
 from test_sessions import SESSION_KEYS, create, event
 
 EVENT_DATA_KEYS = [
@@ -21,13 +21,6 @@ EVENT_DATA_KEYS = [
 
 def recv(ws):
     return json.loads(ws.recv(timeout=10))
-
-
-def wait_until(predicate, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def sse_frames(response):
@@ -199,14 +192,14 @@ def test_stalled_subscriber_dropped_while_healthy_one_gets_everything(make_serve
 
         reader = threading.Thread(target=read_all)
         reader.start()
-        wait_until(lambda: srv.state.broadcaster.subscriber_count == 2)
+        wait_for(lambda: srv.state.broadcaster.subscriber_count == 2)
         big = "x" * 50_000  # enough to fill every socket buffer on the way
         for i in range(total):
             assert srv.post("/sessions/s/events", event("s", tool_input={"i": i, "pad": big})).status_code == 200
         reader.join(timeout=30)
         assert received == list(range(total))
     assert srv.state.broadcaster.dropped_total == 1
-    wait_until(lambda: srv.state.broadcaster.subscriber_count == 0)
+    wait_for(lambda: srv.state.broadcaster.subscriber_count == 0)
     # The stalled peer, reading again, finds what it had and then a clear close.
     cursors, close = [], None
     for opcode, payload in stalled.frames():
@@ -233,13 +226,13 @@ def test_many_subscribers_come_and_go_without_leaks(server):
         for ws in clients:
             recv(ws)
         assert server.state.broadcaster.subscriber_count == 40
-    wait_until(lambda: server.state.broadcaster.subscriber_count == 0)
+    wait_for(lambda: server.state.broadcaster.subscriber_count == 0)
     responses = [requests.get(server.url + "/sse/sessions", stream=True, timeout=10) for _ in range(10)]
-    wait_until(lambda: server.state.broadcaster.subscriber_count == 10)
+    wait_for(lambda: server.state.broadcaster.subscriber_count == 10)
     for r in responses:
         r.close()
     create(server, "nudge")  # a write to a closed socket is what reveals the disconnect
-    wait_until(lambda: server.state.broadcaster.subscriber_count == 0)
+    wait_for(lambda: server.state.broadcaster.subscriber_count == 0)
 
 
 def test_subscriber_limit(make_server):

@@ -33,9 +33,10 @@ from websockets.sync.client import connect
 from coordinator_core.auth import Rejected
 from coordinator_core.oidc import JwtVerifier
 from coordinator_core.settings import Settings, SettingsError
+from runner_client import wait_for
 from server_process import ROOT, ServerProcess
 from test_auth import _start_fails
-from test_live import recv, wait_until
+from test_live import recv
 
 AUDIENCE = "https://coordinator.example/api"
 STATIC = "static-7c1e9b3a5d2f4e6a8b0c"
@@ -146,7 +147,7 @@ def start(make_server, issuer):
 
     def start_server(**overrides):
         server = make_server(auth_enabled=True, oidc_issuer=issuer.url, oidc_audience=AUDIENCE, **overrides)
-        wait_until(lambda: issuer.jwks_requests >= 1)
+        wait_for(lambda: issuer.jwks_requests >= 1)
         return server
 
     return start_server

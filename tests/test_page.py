@@ -13,6 +13,7 @@ import pytest
 import requests
 from websockets.sync.client import connect
 
+from runner_client import wait_for
 from store.models import ApprovalRule
 from test_sessions import assistant, create, event
 
@@ -21,14 +22,6 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason="the chromium binary is absent (Debian package `chromium`)"
 )
-
-
-def wait_until(predicate, what: str, seconds: float = 20.0):
-    deadline = time.monotonic() + seconds
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"{what}: not reached in {seconds} s"
-        time.sleep(0.02)
-    return value
 
 
 class DevTools:
@@ -76,7 +69,7 @@ def browser(tmp_path):
     try:
         # Chromium writes the port it picked into the profile once it listens.
         active = profile / "DevToolsActivePort"
-        port = wait_until(lambda: active.exists() and active.read_text().split("\n")[0], "DevTools port")
+        port = wait_for(lambda: active.exists() and active.read_text().split("\n")[0], "DevTools port")
         targets = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
         page = next(t for t in targets if t["type"] == "page")
         with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=20) as ws:
@@ -105,32 +98,32 @@ def test_page_shows_sessions_and_events_live_and_resumes_after_a_drop(server, br
     server.post("/sessions/ses_page/events", assistant("ses_page", "stored before the page opened", "2025-01-01T00:00:00Z"))
 
     browser.call("Page.navigate", url=server.url + "/#ses_page")
-    wait_until(lambda: "stored before the page opened" in browser.text(), "stored event shown")
+    wait_for(lambda: "stored before the page opened" in browser.text(), "stored event shown")
     assert "ses_page" in browser.text() and "helper" in browser.text()
-    wait_until(lambda: server.state.broadcaster.subscriber_count == 1, "page subscribed")
+    wait_for(lambda: server.state.broadcaster.subscriber_count == 1, "page subscribed")
 
     server.post("/sessions/ses_page/events", event("ses_page", tool_name="Bash", tool_input={"command": "make live"}))
-    wait_until(lambda: "make live" in browser.text(), "live event shown")
+    wait_for(lambda: "make live" in browser.text(), "live event shown")
 
     create(server, "ses_other")
-    wait_until(lambda: "ses_other" in browser.text(), "new session listed")
+    wait_for(lambda: "ses_other" in browser.text(), "new session listed")
     server.post("/sessions/ses_page/events", event("ses_page", "session_stop", reason="completed"))
     status = "document.querySelector('.session.selected .status').textContent"
-    wait_until(lambda: browser.evaluate(status) == "finished", "status updated live")
+    wait_for(lambda: browser.evaluate(status) == "finished", "status updated live")
 
     # Drop the connection; while the page is away an event is stored; it must come back
     # through the resume (`since=<last cursor>`), exactly once.
     browser.evaluate("ws.close()")
-    wait_until(lambda: server.state.broadcaster.subscriber_count == 0, "server saw the drop")
+    wait_for(lambda: server.state.broadcaster.subscriber_count == 0, "server saw the drop")
     server.post("/sessions/ses_page/events", assistant("ses_page", "sent while away", "2025-01-01T00:00:09Z"))
     assert server.state.broadcaster.subscriber_count == 0  # so it can only arrive by replay
-    wait_until(lambda: "sent while away" in browser.text(), "missed event replayed")
+    wait_for(lambda: "sent while away" in browser.text(), "missed event replayed")
     assert browser.text().count("sent while away") == 1
     assert browser.text().count("stored before the page opened") == 1
     assert "live" in browser.evaluate("document.getElementById('state').textContent")
 
     server.delete("/sessions/ses_other")
-    wait_until(lambda: "ses_other" not in browser.text(), "deleted session removed")
+    wait_for(lambda: "ses_other" not in browser.text(), "deleted session removed")
     assert browser.exceptions == []
 
 
@@ -142,11 +135,11 @@ def test_page_under_a_token_passes_it_on(make_server, browser):
     srv.post("/sessions/ses_guarded/events", assistant("ses_guarded", "stored under a token", "t1"), headers=bearer)
 
     browser.call("Page.navigate", url=f"{srv.url}/?api_key={token}#ses_guarded")
-    wait_until(lambda: "stored under a token" in browser.text(), "stored event fetched with the token")
-    wait_until(lambda: srv.state.broadcaster.subscriber_count == 1, "page subscribed with the token")
+    wait_for(lambda: "stored under a token" in browser.text(), "stored event fetched with the token")
+    wait_for(lambda: srv.state.broadcaster.subscriber_count == 1, "page subscribed with the token")
     srv.post("/sessions/ses_guarded/events", event("ses_guarded", tool_input={"command": "guarded live"}),
              headers=bearer)
-    wait_until(lambda: "guarded live" in browser.text(), "live event shown")
+    wait_for(lambda: "guarded live" in browser.text(), "live event shown")
     assert browser.exceptions == []
 
 
@@ -170,10 +163,10 @@ def click(browser, selector: str) -> None:
 def test_page_shows_pending_approvals_and_a_click_decides(make_server, browser):
     srv = make_server(approval_rules=(ApprovalRule("Bash"),))
     browser.call("Page.navigate", url=srv.url + "/")
-    wait_until(lambda: srv.state.broadcaster.subscriber_count == 1, "page subscribed")
+    wait_for(lambda: srv.state.broadcaster.subscriber_count == 1, "page subscribed")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         held = pool.submit(hook, srv, "05_pre_tool_use_risky.json")
-        wait_until(lambda: "Allow Bash?" in browser.text(), "approval shown")
+        wait_for(lambda: "Allow Bash?" in browser.text(), "approval shown")
         assert "rm -rf dist && npm run build" in browser.text()  # the input to judge by
         assert not held.done()
         click(browser, ".approval input")
@@ -183,14 +176,14 @@ def test_page_shows_pending_approvals_and_a_click_decides(make_server, browser):
     assert answer.status_code == 200 and answer.json() == {"hookSpecificOutput": {
         "hookEventName": "PreToolUse", "permissionDecision": "deny", "permissionDecisionReason": "not before the release",
     }}
-    wait_until(lambda: "Allow Bash?" not in browser.text(), "decided approval removed")
+    wait_for(lambda: "Allow Bash?" not in browser.text(), "decided approval removed")
     (approval,) = srv.get("/approvals").json()["approvals"]
     assert (approval["status"], approval["decided_by"]) == ("decided", "api")
 
     # One opened after the page loaded it is listed too, and Allow answers allow.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         held = pool.submit(hook, srv, "07_permission_request.json")
-        wait_until(lambda: "Allow Bash?" in browser.text(), "second approval shown")
+        wait_for(lambda: "Allow Bash?" in browser.text(), "second approval shown")
         click(browser, ".approval button.allow")
         assert held.result(timeout=30).json() == {
             "hookSpecificOutput": {"hookEventName": "PermissionRequest", "decision": {"behavior": "allow"}}}
@@ -206,7 +199,7 @@ def test_page_pairs_tool_calls_shows_agents_runs_and_runners(server, browser):
     server.post("/runner/register", {"hostname": "build-host-7", "project_dir": "/p", "executor_type": "claude-code"})
 
     browser.call("Page.navigate", url=f"{server.url}/#{session}")
-    wait_until(lambda: browser.evaluate("document.querySelectorAll('.event.tool').length") == 4, "four tool calls")
+    wait_for(lambda: browser.evaluate("document.querySelectorAll('.event.tool').length") == 4, "four tool calls")
     states = browser.evaluate("[...document.querySelectorAll('.event.tool .status')].map((s) => s.textContent)")
     assert states == ["done", "failed", "done", "done"]  # each call joined by its result
     # Input and output open on demand.
@@ -214,9 +207,9 @@ def test_page_pairs_tool_calls_shows_agents_runs_and_runners(server, browser):
     browser.evaluate("document.querySelectorAll('.event.tool details').forEach((d) => d.open = true)")
     assert "Tests: 42 passed" in browser.text() and "non-zero status code 1" in browser.text()
     assert "Explore a8a5aea3" in browser.evaluate("document.getElementById('agents').innerText")
-    wait_until(lambda: "build-host-7" in browser.text(), "runner listed")
+    wait_for(lambda: "build-host-7" in browser.text(), "runner listed")
     assert "pending" in browser.evaluate("document.getElementById('runs').innerText")
 
     hook(server, "16_stop.json")  # live, too
-    wait_until(lambda: "all 42 tests pass" in browser.text(), "live message shown")
+    wait_for(lambda: "all 42 tests pass" in browser.text(), "live message shown")
     assert browser.exceptions == []

@@ -16,6 +16,7 @@ import pytest
 from websockets.sync.client import connect
 
 from coordinator_core.settings import Settings, SettingsError, redact_url
+from runner_client import wait_for
 from server_process import ROOT, ServerProcess, free_port
 from store import changes
 from store.postgres import MIGRATIONS, PostgresDatabase
@@ -26,14 +27,6 @@ from test_sessions import create, event
 @pytest.fixture
 def pg_url(postgres_database) -> str:
     return postgres_database.fresh_schema()
-
-
-def wait_until(predicate, what: str, seconds: float = 10.0):
-    deadline = time.monotonic() + seconds
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"{what}: not reached in {seconds} s"
-        time.sleep(0.01)
-    return value
 
 
 def command(env: dict[str, str], *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -153,11 +146,11 @@ def test_tail_never_passes_a_change_still_in_flight(pg_url, outcome):
             held = record(early)  # its transaction stays open
             after = record(late)
             assert after > held
-            wait_until(lambda: tail.saw_position(after), "the tail to see the later commit")
+            wait_for(lambda: tail.saw_position(after), "the tail to see the later commit")
             time.sleep(0.05)  # a few more of its rounds
             assert tail.cursors == [] and tail.db._tail.cursor < held
             getattr(early, outcome)()
-            wait_until(lambda: after in tail.cursors, "the later change handed over")
+            wait_for(lambda: after in tail.cursors, "the later change handed over")
         assert tail.cursors == ([held, after] if outcome == "commit" else [after])
     finally:
         tail.db.close()
@@ -182,7 +175,7 @@ def test_tail_hands_over_every_change_of_concurrent_writers_in_order(pg_url):
             thread.join()
         stored = tail.db.read_sync(lambda conn: [row[0] for row in conn.execute("SELECT id FROM changes ORDER BY id")])
         assert len(stored) == 6 * 40
-        wait_until(lambda: len(tail.cursors) >= len(stored), "every change handed over")
+        wait_for(lambda: len(tail.cursors) >= len(stored), "every change handed over")
         assert tail.cursors == stored
     finally:
         tail.db.close()
