@@ -79,7 +79,8 @@ async def _receive_body(request: Request, limit: int, timeout: float) -> bytes:
         chunks.append(chunk)
         if body_timed_out(request.scope):
             # The rest of the body may still come: the connection cannot carry another request.
-            raise HTTPException(408, f"Request body not received within {timeout:g} s", headers={"Connection": "close"})
+            detail = f"Request body not received within {timeout:g} s"
+            raise HTTPException(408, detail, headers={"Connection": "close"})
 
 
 _TRUE = {"true", "1", "yes", "on", "t", "y"}

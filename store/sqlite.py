@@ -6,10 +6,11 @@ Every write goes through the single writer thread. It drains whatever writes are
 savepoint, so that the failure rolls back only that write), commits, and only then resolves the
 callers: a caller that got an answer knows its data is committed (group commit: many writes
 share one fsync). Reads run on per-thread connections in anyio's worker threads, each inside its
-own read transaction (a consistent snapshot in WAL mode). Answers that are read often and change rarely are kept in a `ReadCache`
-that the writer clears as it commits changes to their rows (see `store.cache`). The writer hands
-the changes of each commit, in commit order, to the `start_changes` handler: one writer commits
-one transaction after another, so cursor order is commit order.
+own read transaction (a consistent snapshot in WAL mode). Answers that are read often and change
+rarely are kept in a `ReadCache` that the writer clears as it commits changes to their rows (see
+`store.cache`). The writer hands the changes of each commit, in commit order, to the
+`start_changes` handler: one writer commits one transaction after another, so cursor order is
+commit order.
 """
 
 from __future__ import annotations
